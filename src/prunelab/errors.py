@@ -1,0 +1,11 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The CLI turns a :class:`UserError` into one sentence on stderr and a non-zero
+exit; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (names, values, files), told in one sentence."""
