@@ -1,0 +1,43 @@
+# Every target sets up what it needs: `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data demo test test-all bench clean
+
+setup: $(STAMP)
+
+# Recreate the environment when the dependencies change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The default dataset: Debian's package when we can install it, else a checked download.
+data: setup
+	@if [ -f $(DATASET_DIR)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(DATASET_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }; \
+	else \
+		$(VENV)/bin/prunelab fetch fashion-mnist; \
+	fi
+
+# The main job: LeNet-300-100 on Fashion-MNIST pruned to 90% in one cycle.
+demo: data
+	$(VENV)/bin/prunelab run --method progressive --sparsity 0.9 --epochs 30
+
+test: data
+	$(PY) -m pytest -q
+
+test-all: data
+	$(PY) -m pytest -q -m ''
+
+bench: data
+	$(PY) benchmarks/masking_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

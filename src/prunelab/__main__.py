@@ -1,0 +1,7 @@
+"""``python -m prunelab`` (and ``torchrun -m prunelab``) runs the command-line tool."""
+
+import sys
+
+from prunelab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,246 @@
+"""The ``prunelab`` command: parse arguments, then call one function.
+
+Every user error ends here as one sentence on stderr and exit status 2;
+Ctrl-C ends with status 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from prunelab.errors import UserError
+
+FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _store_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("PRUNELAB_STORE") or "runs")
+
+
+def _method_epilog(argv: Sequence[str]) -> str | None:
+    """Settings of the method named by ``--method`` in argv, for ``prunelab run --method M --help``."""
+    from prunelab.methods import METHODS, settings_help
+
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
+    name = name or next((a.split("=", 1)[1] for a in argv if a.startswith("--method=")), None)
+    if name is None or name not in METHODS:
+        return None
+    rows = settings_help(METHODS.get(name).settings)
+    lines = [f"settings of method {name!r} (set with --set method.NAME=VALUE):"]
+    lines += [f"  {n:<18} default {d:<8} {h}" for n, d, h in rows] or ["  (none)"]
+    return "\n".join(lines)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser (``argv`` only shapes the help text)."""
+    parser = _Parser(prog="prunelab", description="Find sparse networks and compare pruning methods.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="train one configuration (or print its stored result)",
+        epilog=_method_epilog(argv), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, help="YAML config file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set train.weight_decay=1e-4 (repeatable)")
+    run.add_argument("--method", help="pruning method (see `prunelab list methods`); default progressive")
+    run.add_argument("--model", help="architecture (see `prunelab list models`); default lenet300")
+    run.add_argument("--dataset", help="dataset (see `prunelab list datasets`); default fashion-mnist")
+    run.add_argument("--sparsity", type=float, help="target fraction of prunable weights removed; default 0.9")
+    run.add_argument("--epochs", type=int, help="epochs per training cycle; default 30")
+    run.add_argument("--seed", type=int, help="random seed; default 0")
+    run.add_argument("--lr", type=float, help="learning rate; default 0.1")
+    run.add_argument("--batch-size", type=int, help="batch size; default 128")
+    _add_runtime(run)
+    run.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
+    run.add_argument("--threads", type=int, help="torch CPU threads; default: all cores")
+    run.add_argument("--no-download", action="store_true", help="never download datasets")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    lst = sub.add_parser("list", help="list methods, models, datasets or stored runs")
+    lst.add_argument("what", choices=["methods", "models", "datasets", "runs"])
+    _add_runtime(lst)
+
+    fetch = sub.add_parser("fetch", help="find (or download, sha256-checked) a dataset and check that it loads")
+    fetch.add_argument("dataset", help="dataset name (see `prunelab list datasets`)")
+    fetch.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
+
+    show = sub.add_parser("show", help="print the stored result of one run")
+    show.add_argument("run_id", help="run id (a unique prefix is enough)")
+    _add_runtime(show)
+    return parser
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store folder; default $PRUNELAB_STORE or ./runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prunelab.config import load_config
+    from prunelab.experiment import Runtime, run
+
+    flags = {k: getattr(args, k) for k in FLAG_KEYS}
+    cfg = load_config(args.config, args.set, flags)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    runtime = Runtime(
+        store=_store_dir(args.store),
+        data_dir=args.data_dir,
+        device=args.device,
+        threads=args.threads,
+        progress=False if args.no_progress else None,
+        download=not args.no_download,
+    )
+    summary, cached = run(cfg, runtime)
+    if cached:
+        print(f"run {summary['run_id']} is already in the store; showing its stored result", file=sys.stderr)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]]
+    if args.what == "methods":
+        from prunelab.methods import METHODS, settings_help
+
+        rows = [{"name": e.name, "summary": e.summary,
+                 "settings": {n: d for n, d, _ in settings_help(e.obj.settings)}} for e in METHODS]
+    elif args.what == "models":
+        from prunelab.models import MODELS
+
+        rows = [{"name": e.name, "summary": e.summary} for e in MODELS]
+    elif args.what == "datasets":
+        from prunelab.data import DATASETS
+
+        rows = [{"name": e.name, "summary": e.summary} for e in DATASETS]
+    else:
+        from prunelab.store import Store
+
+        rows = [_run_row(r.run_id, r.status, r.summary or {}, r.method, r.model, r.dataset, r.target_sparsity,
+                         r.seed) for r in Store(_store_dir(args.store)).records()]
+    if args.json:
+        print(json.dumps(rows))
+    elif args.what == "methods":
+        for r in rows:
+            settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "no settings"
+            print(f"{r['name']:<12} {r['summary']}\n{'':<12} settings: {settings}")
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _run_row(rid: str, status: str, s: dict[str, Any], method: str, model: str, dataset: str,
+             target: float, seed: int) -> dict[str, Any]:
+    return {"run_id": rid, "status": status, "method": method, "model": model, "dataset": dataset,
+            "target": target, "seed": seed, "sparsity": s.get("sparsity"), "test_acc": s.get("test_acc")}
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from prunelab.data import load_splits
+
+    data = load_splits(args.dataset, args.data_dir, download=True)
+    print(f"{args.dataset}: {len(data.train_y)} train, {len(data.val_y)} validation, {len(data.test_y)} test images")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from prunelab.store import Store
+
+    store = Store(_store_dir(args.store))
+    record = store.get(store.resolve_id(args.run_id))
+    assert record is not None
+    if record.summary is None:
+        raise UserError(f"run {record.run_id} has no result yet (status {record.status}"
+                        + (f": {record.error}" if record.error else "") + ")")
+    _print_summary(record.summary, args.json)
+    return 0
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) >= 1e5 or value == 0 else f"{value:.4f}"
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    rows = [
+        ("run", summary["run_id"]), ("method", summary["method"]), ("model", summary["model"]),
+        ("dataset", summary["dataset"]), ("seed", summary["seed"]),
+        ("target sparsity", summary["target_sparsity"]), ("sparsity (from weights)", summary["sparsity"]),
+        ("test accuracy (final)", summary["test_acc"]), ("val accuracy (final)", summary["val_acc"]),
+        ("test accuracy (val-selected)", summary["selected_test_acc"]),
+        ("selected epoch", summary["selected_epoch"]),
+        ("epochs trained", summary["epochs"]), ("optimizer steps", summary["steps"]),
+        ("wall time (s)", summary["wall_s"]), ("training FLOPs", summary["train_flops"]),
+        ("dense-equivalent FLOPs", summary["dense_train_flops"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {_fmt(value)}")
+    for note in summary.get("notes", []):
+        print(f"note: {note}")
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    keys = list(rows[0])
+    cells = [[_fmt(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "fetch": cmd_fetch}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prunelab`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"prunelab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunelab: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

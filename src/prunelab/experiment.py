@@ -1,0 +1,175 @@
+"""One run from config to stored result: build everything from the registries, run the method, store.
+
+This is the only place that knows the store, the data, the models and the
+methods at once; methods and the training loop see only what they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunelab.config import RunConfig, run_id, to_dict
+from prunelab.data import DataSplits, load_splits
+from prunelab.errors import UserError
+from prunelab.methods import METHODS
+from prunelab.methods.context import Context
+from prunelab.models import build_model
+from prunelab.sparsity.mask import Masker, collapsed_layers, prunable_parameters, weight_sparsity
+from prunelab.store import RunFolder, Store, atomic_torch_save
+from prunelab.training.cost import forward_flops
+from prunelab.training.loop import LoopSettings, Trainer, evaluate
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How and where to run; none of it changes a result, so none of it is in the run id."""
+
+    store: Path = Path("runs")
+    data_dir: Path | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool | None = None
+    download: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose one of: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def headline(cfg: RunConfig) -> dict[str, Any]:
+    """The fields every summary and index row carries."""
+    return {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "target_sparsity": cfg.prune.sparsity,
+        "seed": cfg.seed,
+    }
+
+
+def run(cfg: RunConfig, runtime: Runtime) -> tuple[dict[str, Any], bool]:
+    """Run ``cfg`` (or return its stored result). Returns (summary, was_cached)."""
+    store = Store(runtime.store)
+    rid = run_id(cfg)
+    record = store.get(rid)
+    if record is not None and record.status == "ok" and record.summary is not None:
+        return record.summary, True
+    folder = store.begin(rid, to_dict(cfg), headline(cfg))
+    try:
+        summary = _execute(cfg, rid, folder, runtime)
+    except KeyboardInterrupt:
+        store.mark(rid, "interrupted", "interrupted by the user")
+        raise
+    except UserError as exc:
+        store.mark(rid, "failed", str(exc))
+        raise
+    except Exception as exc:
+        store.mark(rid, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    store.finish(rid, summary)
+    folder.drop_checkpoint()
+    return summary, False
+
+
+def _execute(cfg: RunConfig, rid: str, folder: RunFolder, runtime: Runtime) -> dict[str, Any]:
+    device = resolve_device(runtime.device)
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    seed_everything(cfg.seed)
+    data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
+    data = _to_device(data, device)
+    spec = data.spec
+    model = build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes).to(device)
+    params = prunable_parameters(model, cfg.prune.exclude)
+    if not params:
+        raise UserError(f"every prunable layer of {cfg.model.name} is excluded by prune.exclude; nothing to prune")
+    trainer = Trainer(
+        model=model,
+        data=data,
+        settings=LoopSettings(
+            batch_size=cfg.train.batch_size,
+            label_smoothing=cfg.train.label_smoothing,
+            optim=cfg.train.optim(),
+            augment=cfg.data.augment,
+        ),
+        masker=Masker(params),
+        layer_flops=forward_flops(model, (spec.channels, spec.image_size, spec.image_size)),
+        seed=cfg.seed,
+        checkpointer=folder,
+        log=folder.append_metrics,
+        progress=runtime.progress,
+    )
+    ctx = Context(cfg, trainer)
+    METHODS.get(cfg.method.name).run(ctx, cfg.method.settings)
+    return _finish(ctx, rid, folder, data)
+
+
+def _to_device(data: DataSplits, device: torch.device) -> DataSplits:
+    if device.type == "cpu":
+        return data
+    moved = {k: getattr(data, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    return DataSplits(**moved, spec=data.spec)
+
+
+def _finish(ctx: Context, rid: str, folder: RunFolder, data: DataSplits) -> dict[str, Any]:
+    """Evaluate on test (final weights and validation-selected weights), store files, build the summary."""
+    model, masker = ctx.trainer.model, ctx.trainer.masker
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(folder.path / "weights.pt", state)
+    atomic_torch_save(folder.path / "mask.pt", {k: v.cpu() for k, v in masker.masks.items()})
+    weights_sha256 = hashlib.sha256((folder.path / "weights.pt").read_bytes()).hexdigest()
+    started = time.perf_counter()
+    test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+    history = ctx.last_cycle.history if ctx.last_cycle else []
+    selection = ctx.last_cycle.selection if ctx.last_cycle else None
+    selected_test_acc = None
+    if selection is not None and selection.state is not None:
+        model.load_state_dict(selection.state)
+        selected_test_acc = evaluate(model, data.test_x, data.test_y)[1]
+        model.load_state_dict(state)
+    collapsed = collapsed_layers(masker.masks)
+    cost = ctx.trainer.cost
+    final = history[-1] if history else {}
+    return {
+        "run_id": rid,
+        "status": "ok",
+        **headline(ctx.cfg),
+        "sparsity": weight_sparsity(masker.params),
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "val_acc": final.get("val_acc"),
+        "selected_epoch": selection.epoch if selection and selection.epoch > 0 else None,
+        "selected_val_acc": selection.val_acc if selection and selection.epoch > 0 else None,
+        "selected_test_acc": selected_test_acc,
+        "epochs": cost.epochs,
+        "steps": cost.steps,
+        "wall_s": cost.wall_s,
+        "eval_s": time.perf_counter() - started,
+        "train_flops": cost.train_flops,
+        "dense_train_flops": cost.dense_train_flops,
+        "weights_sha256": weights_sha256,
+        "collapsed_layers": collapsed,
+        "notes": ctx.notes + [f"layer {n} lost all its weights: the network is disconnected" for n in collapsed],
+    }

@@ -1,0 +1,69 @@
+"""What a method is: a name, a frozen settings dataclass, and a short program over shared parts.
+
+Every method module registers itself in :data:`METHODS` with
+:func:`register_method`. The program receives a :class:`~prunelab.methods.context.Context`
+(model, data, trainer, target) and its own settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from prunelab.registry import Registry
+
+if TYPE_CHECKING:
+    from prunelab.config import RunConfig
+    from prunelab.methods.context import Context
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """Settings of a method that has none."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    ``resolve`` maps a validated config to the config the method actually runs
+    (e.g. ``dense`` sets the target sparsity to 0, so every dense run of the
+    same recipe shares one run id); it may raise ``UserError`` for settings
+    that contradict the rest of the config.
+    """
+
+    name: str
+    settings: type
+    run: Callable[[Context, Any], None]
+    resolve: Callable[[RunConfig], RunConfig]
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def _identity(cfg: RunConfig) -> RunConfig:
+    return cfg
+
+
+def register_method(
+    name: str,
+    settings: type,
+    summary: str,
+    resolve: Callable[[RunConfig], RunConfig] = _identity,
+) -> Callable[[Callable[[Context, Any], None]], Callable[[Context, Any], None]]:
+    """Decorator registering a method program under ``name`` with its settings class."""
+
+    def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
+        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve))
+        return run
+
+    return decorate
+
+
+def settings_help(settings: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) for each field of a settings dataclass, for `--help` and `list`."""
+    rows = []
+    for f in fields(settings):
+        rows.append((f.name, repr(f.default), f.metadata.get("help", "")))
+    return rows

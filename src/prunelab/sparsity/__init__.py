@@ -1,0 +1,1 @@
+"""Masks, scores, allocation and schedules: the parts every pruning method shares."""

@@ -1,0 +1,136 @@
+"""Masks over the prunable tensors and the bookkeeping that keeps pruned weights at zero.
+
+A mask set is a plain ``dict`` from parameter name to a boolean tensor of the
+parameter's shape (True = the weight is kept). Prunable tensors are the
+``weight`` of every Conv and Linear layer, minus name patterns the user excludes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Parameter]:
+    """The weights of every Conv and Linear layer, keyed by parameter name.
+
+    ``exclude`` holds fnmatch patterns matched against the parameter name
+    (``"fc3.*"``) or the module name (``"fc3"``). A weight shared by several
+    modules appears once, under its first name.
+    """
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES) or module.weight is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if id(module.weight) in seen or _excluded(name, module_name, exclude):
+            continue
+        seen.add(id(module.weight))
+        params[name] = module.weight
+    return params
+
+
+def _excluded(name: str, module_name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
+
+
+def full_masks(params: Mapping[str, torch.Tensor]) -> Masks:
+    """Masks keeping every weight."""
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()}
+
+
+def count_kept(masks: Mapping[str, torch.Tensor]) -> int:
+    """Number of weights the masks keep."""
+    return sum(int(m.sum()) for m in masks.values())
+
+
+def count_total(masks: Mapping[str, torch.Tensor]) -> int:
+    """Number of weights the masks cover."""
+    return sum(m.numel() for m in masks.values())
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of weights the masks remove."""
+    total = count_total(masks)
+    return 1.0 - count_kept(masks) / total if total else 0.0
+
+
+def layer_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Kept fraction of each masked tensor."""
+    return {name: float(m.sum()) / m.numel() for name, m in masks.items()}
+
+
+def weight_sparsity(params: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the given weights that are exactly zero, read from the weights themselves."""
+    total = sum(p.numel() for p in params.values())
+    zeros = sum(int((p == 0).sum()) for p in params.values())
+    return zeros / total if total else 0.0
+
+
+def collapsed_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of masked tensors with no weight left (the network is disconnected there)."""
+    return [name for name, m in masks.items() if not bool(m.any())]
+
+
+class Masker:
+    """Applies a mask set to a model's parameters during training.
+
+    The hot path is two fused multiplies per step (gradients before the
+    optimizer step, weights after it) over float copies of the masks, so masked
+    training costs about as much as dense training. Optimizer state (momentum,
+    Adam moments) of pruned weights is zeroed whenever the masks change; since
+    the gradients of pruned weights are then always zero, that state stays zero.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], masks: Masks | None = None) -> None:
+        self.params = dict(params)
+        self.masks: Masks = full_masks(self.params)
+        self._params_list = list(self.params.values())
+        self._factors: list[torch.Tensor] = []
+        self.dense = True
+        if masks is not None:
+            self.set_masks(masks)
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install new masks, zero the pruned weights and their optimizer state."""
+        if set(masks) != set(self.params):
+            raise ValueError("masks must cover exactly the prunable parameters")
+        self.masks = {name: masks[name].to(device=p.device, dtype=torch.bool) for name, p in self.params.items()}
+        self.dense = all(bool(m.all()) for m in self.masks.values())
+        # Float factors so the per-step work is a plain multiply; skipped while dense.
+        self._factors = [self.masks[n].to(p.dtype) for n, p in self.params.items()]
+        self.apply_to_weights()
+        if optimizer is not None:
+            self.zero_optimizer_state(optimizer)
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        """Multiply every masked weight by its mask (pruned weights become exactly 0)."""
+        if not self.dense:
+            torch._foreach_mul_(self._params_list, self._factors)
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        """Zero the gradients of pruned weights (call before ``optimizer.step()``)."""
+        if self.dense:
+            return
+        pairs = [(p.grad, f) for p, f in zip(self._params_list, self._factors) if p.grad is not None]
+        if pairs:
+            grads, factors = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(factors))
+
+    @torch.no_grad()
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero every per-weight optimizer buffer (momentum, Adam moments) at pruned positions."""
+        for p, f in zip(self._params_list, self._factors):
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.mul_(f)

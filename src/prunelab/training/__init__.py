@@ -1,0 +1,1 @@
+"""The training engine: loop, optimizers and schedules, compute accounting."""

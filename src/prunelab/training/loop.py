@@ -1,0 +1,291 @@
+"""The training engine: one cycle of the learning-rate schedule with masks, hooks and checkpoints.
+
+Every method trains through :meth:`Trainer.run_cycle`, so masking, cost
+counting, validation and checkpointing behave identically for all of them.
+A cycle checkpoints after every epoch; a run restarted with the same program
+fast-forwards through finished cycles and resumes the interrupted one, ending
+bit-identical on CPU (the data order of an epoch is a pure function of
+(seed, cycle index, epoch) and every RNG state is saved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from prunelab.data import Augment, DataSplits, eval_batches, num_batches, train_batches
+from prunelab.sparsity.mask import Masker, Masks, layer_densities
+from prunelab.training.cost import dense_train_step_flops, train_step_flops
+from prunelab.training.optim import OptimSettings, build_optimizer, lr_at, set_lr
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs from the training config."""
+
+    batch_size: int
+    label_smoothing: float
+    optim: OptimSettings
+    augment: Augment = Augment()
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class Cost:
+    """Training compute spent so far (all cycles of a run)."""
+
+    epochs: float = 0.0
+    steps: int = 0
+    wall_s: float = 0.0
+    train_flops: float = 0.0
+    dense_train_flops: float = 0.0
+
+
+@dataclass
+class Selection:
+    """The validation-selected state of a cycle: best validation accuracy among eligible epochs."""
+
+    val_acc: float = -1.0
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class CycleResult:
+    """What a finished cycle hands back to its method."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selection: Selection = field(default_factory=Selection)
+
+
+class Checkpointer(Protocol):
+    """Where a run's checkpoints live (the store implements it; training knows nothing of the store)."""
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+    def load(self) -> dict[str, Any] | None: ...
+
+
+class StepHook(Protocol):
+    """Called before every optimizer step of a cycle (progressive pruning is one)."""
+
+    def before_step(self, step: int, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def epoch_seed(seed: int, cycle: int, epoch: int) -> int:
+    """Seed of one epoch's data order and augmentation, stable across processes."""
+    digest = hashlib.sha256(f"prunelab/{seed}/{cycle}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, as tensors and lists (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) on an empty split."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for xb, yb in eval_batches(x, y, batch_size):
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    model.train(was_training)
+    return float(loss) / len(y), int(correct) / len(y)
+
+
+class Trainer:
+    """Trains one model through the cycles of a method, with masks, cost and checkpoints."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataSplits,
+        settings: LoopSettings,
+        masker: Masker,
+        layer_flops: Mapping[str, int],
+        seed: int,
+        checkpointer: Checkpointer | None = None,
+        log: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.settings = settings
+        self.masker = masker
+        self.layer_flops = dict(layer_flops)
+        self.seed = seed
+        self.checkpointer = checkpointer
+        self.log = log or (lambda record: None)
+        self.progress = progress
+        self.cost = Cost()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.cycle_index = 0
+        self._resume = checkpointer.load() if checkpointer is not None else None
+        self._step_flops = 0.0
+        self._dense_step_flops = dense_train_step_flops(self.layer_flops, 1)
+        self._refresh_step_flops()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the last partial batch counts)."""
+        return num_batches(len(self.data.train_y), self.settings.batch_size)
+
+    # ------------------------------------------------------------ masks
+
+    def set_masks(self, masks: Masks) -> None:
+        """Install new masks: pruned weights and their optimizer state become 0, FLOPs are recounted."""
+        self.masker.set_masks(masks, self.optimizer)
+        self._refresh_step_flops()
+
+    def _refresh_step_flops(self) -> None:
+        self._step_flops = train_step_flops(self.layer_flops, layer_densities(self.masker.masks), 1)
+
+    # ------------------------------------------------------------ the cycle
+
+    def run_cycle(self, name: str, epochs: int, hook: StepHook | None = None, select_kept: int | None = None) -> CycleResult:
+        """Train ``epochs`` epochs with a fresh optimizer and a full run of the LR schedule.
+
+        ``select_kept``: only epochs whose masks keep exactly this many weights
+        compete for the validation-selected state (None: every epoch).
+        """
+        index = self.cycle_index
+        self.cycle_index += 1
+        steps_per_epoch = self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model.parameters(), self.settings.optim)
+        result, start_epoch = CycleResult(), 0
+        resume = self._resume
+        if resume is not None and resume["cycle"] > index:
+            return result  # finished before the interruption; a later checkpoint restores the state
+        if resume is not None and resume["cycle"] == index:
+            start_epoch = self._restore(resume, hook, result)
+            self._resume = None
+        started = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            record = self._train_epoch(name, index, epoch, epochs, steps_per_epoch, hook)
+            self.cost.wall_s += time.perf_counter() - started
+            started = time.perf_counter()
+            self._select(result.selection, record, epoch, select_kept)
+            result.history.append(record)
+            self.log(record)
+            self._checkpoint(index, epoch + 1, hook, result)
+        return result
+
+    def _train_epoch(
+        self, name: str, index: int, epoch: int, epochs: int, steps_per_epoch: int, hook: StepHook | None
+    ) -> dict[str, Any]:
+        assert self.optimizer is not None
+        model, masker, opt, s = self.model, self.masker, self.optimizer, self.settings
+        model.train()
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, index, epoch))
+        batches = train_batches(self.data.train_x, self.data.train_y, s.batch_size, generator, s.augment)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"{name} {epoch + 1}/{epochs}", leave=False,
+                   disable=None if self.progress is None else not self.progress,  # None: only on a TTY
+                   unit="batch", dynamic_ncols=True)
+        device = self.data.train_x.device
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            if hook is not None:
+                hook.before_step(step, self)
+            set_lr(opt, lr_at(step, steps_per_epoch, epochs, s.optim))
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            masker.apply_to_grads()
+            opt.step()
+            masker.apply_to_weights()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
+            self.cost.train_flops += self._step_flops * len(y)
+            self.cost.dense_train_flops += self._dense_step_flops * len(y)
+        bar.close()
+        self.cost.steps += steps_per_epoch
+        self.cost.epochs += 1
+        val_loss, val_acc = evaluate(model, self.data.val_x, self.data.val_y, s.eval_batch_size)
+        kept = sum(int(m.sum()) for m in masker.masks.values())
+        total = sum(m.numel() for m in masker.masks.values())
+        return {
+            "cycle": index, "phase": name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
+            "val_loss": val_loss, "val_acc": val_acc, "kept": kept, "sparsity": 1 - kept / total,
+        }
+
+    def _select(self, selection: Selection, record: dict[str, Any], epoch: int, select_kept: int | None) -> None:
+        eligible = select_kept is None or record["kept"] == select_kept
+        val = record["val_acc"]
+        if eligible and val == val and val > selection.val_acc:  # val == val: not NaN
+            selection.val_acc, selection.epoch = val, epoch + 1
+            selection.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self, index: int, epochs_done: int, hook: StepHook | None, result: CycleResult) -> None:
+        if self.checkpointer is None:
+            return
+        assert self.optimizer is not None
+        self.checkpointer.save({
+            "cycle": index,
+            "epoch": epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "masks": dict(self.masker.masks),
+            "hook": hook.state_dict() if hook is not None else {},
+            "cost": asdict(self.cost),
+            "rng": rng_state(),
+            "history": result.history,
+            "selection": asdict(result.selection),
+        })
+
+    def _restore(self, state: dict[str, Any], hook: StepHook | None, result: CycleResult) -> int:
+        assert self.optimizer is not None
+        self.model.load_state_dict(state["model"])
+        self.masker.set_masks(state["masks"])
+        self._refresh_step_flops()
+        self.optimizer.load_state_dict(state["optimizer"])
+        if hook is not None:
+            hook.load_state_dict(state["hook"])
+        self.cost = Cost(**state["cost"])
+        set_rng_state(state["rng"])
+        result.history.extend(state["history"])
+        result.selection = Selection(**state["selection"])
+        return int(state["epoch"])

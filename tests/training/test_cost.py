@@ -1,0 +1,102 @@
+"""FLOP counting: exact counts for known layers and exact step arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.models import MODELS, build_model
+from prunelab.training.cost import (
+    dense_train_step_flops,
+    eval_flops,
+    forward_flops,
+    train_step_flops,
+)
+
+
+def test_lenet300_counts_every_layer_exactly() -> None:
+    flops = forward_flops(build_model("lenet300", 1, 28, 10), (1, 28, 28))
+    assert flops == {
+        "1.weight": 2 * 784 * 300,
+        "3.weight": 2 * 300 * 100,
+        "5.weight": 2 * 100 * 10,
+    }
+    assert sum(flops.values()) == 2 * (784 * 300 + 300 * 100 + 100 * 10)
+
+
+def test_conv2d_counts_output_size_times_kernel() -> None:
+    # 3 -> 8 channels, 3x3 kernel, stride 2, no padding: 15x15 outputs on 32x32.
+    conv = nn.Conv2d(3, 8, kernel_size=3, stride=2)
+    assert forward_flops(conv, (3, 32, 32)) == {"weight": 2 * (8 * 15 * 15) * (3 * 3 * 3)}
+
+
+def test_grouped_and_depthwise_convs_divide_by_groups() -> None:
+    grouped = nn.Conv2d(8, 16, kernel_size=3, padding=1, groups=4, bias=False)
+    assert forward_flops(grouped, (8, 10, 10)) == {"weight": 2 * (16 * 100) * (2 * 9)}
+    depthwise = nn.Conv1d(6, 6, kernel_size=5, groups=6)
+    assert forward_flops(depthwise, (6, 20)) == {"weight": 2 * (6 * 16) * 5}
+
+
+def test_transposed_conv_counts_inputs_times_kernel() -> None:
+    up = nn.ConvTranspose2d(4, 2, kernel_size=2, stride=2)
+    assert forward_flops(up, (4, 5, 5)) == {"weight": 2 * (4 * 25) * 2 * 4}
+
+
+class TwiceLinear(nn.Module):
+    """Calls one Linear twice and owns one that is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(torch.relu(self.shared(x)))
+
+
+def test_repeated_calls_add_up_and_unused_layers_count_zero() -> None:
+    assert forward_flops(TwiceLinear(), (5,)) == {"shared.weight": 2 * 2 * 25, "unused.weight": 0}
+
+
+def test_tied_weights_share_one_key() -> None:
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight
+    assert forward_flops(model, (4,)) == {"0.weight": 2 * 2 * 16}
+
+
+def test_training_flags_are_restored() -> None:
+    model = build_model("resnet20", 3, 32, 10).train()
+    model.stem[1].eval()  # a deliberately frozen BN keeps its own flag
+    before = [m.training for m in model.modules()]
+    running_mean = model.stem[1].running_mean.clone()
+    forward_flops(model, (3, 32, 32))
+    assert [m.training for m in model.modules()] == before
+    # Eval mode: the dummy forward left the BN statistics alone.
+    assert torch.equal(model.stem[1].running_mean, running_mean)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_prunable_weight_is_counted(name: str) -> None:
+    model = build_model(name, 3, 32, 10)
+    flops = forward_flops(model, (3, 32, 32))
+    prunable = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    assert set(flops) == prunable
+    assert all(value > 0 for value in flops.values())
+
+
+def test_train_step_arithmetic_is_exact() -> None:
+    flops = {"a.weight": 1000, "b.weight": 200, "c.weight": 10}
+    densities = {"a.weight": 0.25, "b.weight": 0.5}  # c absent: dense
+    assert train_step_flops(flops, densities, batch_size=4) == 3 * 4 * (250 + 100 + 10)
+    assert dense_train_step_flops(flops, batch_size=4) == 3 * 4 * 1210
+    assert eval_flops(flops, densities, n_samples=7) == 7 * 360
+
+
+def test_bad_densities_raise() -> None:
+    with pytest.raises(ValueError, match="no FLOP count"):
+        train_step_flops({"a.weight": 10}, {"a": 0.5}, batch_size=1)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        train_step_flops({"a.weight": 10}, {"a.weight": 1.5}, batch_size=1)
