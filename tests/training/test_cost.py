@@ -18,9 +18,9 @@ from prunelab.training.cost import (
 def test_lenet300_counts_every_layer_exactly() -> None:
     flops = forward_flops(build_model("lenet300", 1, 28, 10), (1, 28, 28))
     assert flops == {
-        "1.weight": 2 * 784 * 300,
-        "3.weight": 2 * 300 * 100,
-        "5.weight": 2 * 100 * 10,
+        "fc1.weight": 2 * 784 * 300,
+        "fc2.weight": 2 * 300 * 100,
+        "fc3.weight": 2 * 100 * 10,
     }
     assert sum(flops.values()) == 2 * (784 * 300 + 300 * 100 + 100 * 10)
 

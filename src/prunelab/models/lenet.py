@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -12,14 +14,15 @@ from prunelab.models.registry import MODELS, require_min_size
 def lenet300(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """LeNet-300-100: flatten, Linear 300, ReLU, Linear 100, ReLU, Linear classes."""
     inputs = in_channels * image_size * image_size
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(inputs, 300),
-        nn.ReLU(inplace=True),
-        nn.Linear(300, 100),
-        nn.ReLU(inplace=True),
-        nn.Linear(100, num_classes),
-    )
+    # Named layers (fc1.weight, ...) so exclusions and reports read like the papers.
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(inputs, 300),
+        relu1=nn.ReLU(inplace=True),
+        fc2=nn.Linear(300, 100),
+        relu2=nn.ReLU(inplace=True),
+        fc3=nn.Linear(100, num_classes),
+    ))  # fmt: skip
 
 
 class LeNet5(nn.Module):

@@ -1,0 +1,95 @@
+"""Config parsing, validation and the run-id hash (golden ids pinned)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prunelab.config import RunConfig, build_config, load_config, non_default, parse_set, run_id
+from prunelab.errors import UserError
+
+
+def test_defaults_are_progressive_lenet300_fashion_mnist_90() -> None:
+    cfg = build_config({})
+    assert (cfg.method.name, cfg.model.name, cfg.data.dataset) == ("progressive", "lenet300", "fashion-mnist")
+    assert cfg.prune.sparsity == 0.9 and cfg.train.epochs == 30
+    assert non_default(cfg) == {}
+
+
+# Golden ids: changing any of these renames every stored run. Only change them on purpose.
+GOLDEN = [
+    ({}, "44136fa355b3"),
+    ({"method": "progressive", "sparsity": 0.9, "epochs": 30}, "44136fa355b3"),
+    ({"method": "dense"}, "9c054a239e6a"),
+    ({"epochs": 2}, "203d3de04a60"),
+    ({"method.power": 3.0, "seed": 1}, "ab21cc624645"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), GOLDEN)
+def test_golden_run_ids(raw: dict, expected: str) -> None:
+    assert run_id(build_config(raw)) == expected
+
+
+def test_explicit_default_equals_omitted() -> None:
+    assert run_id(build_config({"train.lr": 0.1, "method.power": 1})) == run_id(RunConfig())
+
+
+def test_dense_ignores_pruning_settings() -> None:
+    a = build_config({"method": "dense", "sparsity": 0.5})
+    b = build_config({"method": "dense", "sparsity": 0.98, "prune.allocation": "layerwise"})
+    assert run_id(a) == run_id(b) and a.prune.sparsity == 0.0
+
+
+def test_yaml_then_set_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("method: progressive\nmodel: lenet5\ntrain: {lr: 0.05, epochs: 10}\n"
+                    "data:\n  augment: {hflip: true}\n")
+    cfg = load_config(path, ["train.lr=0.02", "method.power=3"], {"epochs": 4, "seed": None})
+    assert cfg.model.name == "lenet5" and cfg.train.lr == 0.02 and cfg.train.epochs == 4
+    assert cfg.method.settings.power == 3.0 and cfg.data.augment.hflip is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"sparsity": 1.5}, "sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
+        ({"method": "nope"}, "unknown method 'nope'"),
+        ({"model": "lenet3000"}, "did you mean 'lenet300'"),
+        ({"dataset": "fmnist"}, "unknown dataset"),
+        ({"train.epoch": 3}, "did you mean 'train.epochs'"),
+        ({"method.powr": 3}, "did you mean 'method.power'"),
+        ({"train.epochs": "many"}, "train.epochs must be an integer"),
+        ({"train.nesterov": "yes"}, "must be true or false"),
+        ({"train.optimizer": "sgdd"}, "did you mean 'sgd'"),
+        ({"method.end_epoch": 40}, "method.end_epoch <= train.epochs"),
+        ({"method": "dense", "method.power": 3}, "unknown config key 'method.power'"),
+    ],
+)
+def test_bad_values_are_one_sentence(raw: dict, fragment: str) -> None:
+    with pytest.raises(UserError) as info:
+        build_config(raw)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_set_values_are_yaml() -> None:
+    assert parse_set(["a=1", "b=0.5", "c=true", "d=[1, 2]", "e=null", "f=text"]) == {
+        "a": 1, "b": 0.5, "c": True, "d": [1, 2], "e": None, "f": "text"}
+    with pytest.raises(UserError):
+        parse_set(["novalue"])
+
+
+@pytest.mark.parametrize("text", ["train: [unclosed", "- just\n- a list\n", "train:\n  lr: 0.1\n   bad: 1\n"])
+def test_bad_yaml_files(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError):
+        load_config(path)
+
+
+def test_missing_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
