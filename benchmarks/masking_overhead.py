@@ -60,7 +60,6 @@ def _masked(model: nn.Module, sparsity: float) -> Callable[[torch.Tensor, torch.
         loss.backward()
         masker.apply_to_grads()
         opt.step()
-        masker.apply_to_weights()
 
     return step
 

@@ -93,3 +93,11 @@ def test_bad_yaml_files(tmp_path: Path, text: str) -> None:
 def test_missing_yaml_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_examples_load() -> None:
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.method.name == "progressive"

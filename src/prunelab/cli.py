@@ -182,6 +182,8 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
+        if value.is_integer() and abs(value) >= 1:
+            return f"{value:.4g}" if abs(value) >= 1e5 else str(int(value))
         return f"{value:.4g}" if abs(value) >= 1e5 or value == 0 else f"{value:.4f}"
     if value is None:
         return "-"

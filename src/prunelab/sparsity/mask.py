@@ -83,11 +83,17 @@ def collapsed_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
 class Masker:
     """Applies a mask set to a model's parameters during training.
 
-    The hot path is two fused multiplies per step (gradients before the
-    optimizer step, weights after it) over float copies of the masks, so masked
-    training costs about as much as dense training. Optimizer state (momentum,
-    Adam moments) of pruned weights is zeroed whenever the masks change; since
-    the gradients of pruned weights are then always zero, that state stays zero.
+    Per step, only the gradients of pruned weights are zeroed (one fused
+    multiply, before ``optimizer.step()``). Whenever the masks change, the
+    pruned weights AND their optimizer state (momentum, Nesterov, Adam and
+    AdamW moments) are zeroed. Together these keep every pruned weight and its
+    state exactly 0 after every step of SGD (with momentum, Nesterov, weight
+    decay), Adam and AdamW: the update of a weight is built only from its
+    gradient, its state and its own value, all 0 (weight decay adds wd * 0).
+    So re-multiplying the weights every step, which costs as much again, is
+    not needed; the trainer still re-applies the masks to the weights at the
+    end of every epoch as a guard against optimizers that break this rule.
+    tests/sparsity/test_mask.py checks the invariant after every step.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], masks: Masks | None = None) -> None:

@@ -231,14 +231,14 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             masker.apply_to_grads()
-            opt.step()
-            masker.apply_to_weights()
+            opt.step()  # pruned weights stay exactly 0: see Masker
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             self.cost.train_flops += self._step_flops * len(y)
             self.cost.dense_train_flops += self._dense_step_flops * len(y)
         bar.close()
+        masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
         self.cost.steps += steps_per_epoch
         self.cost.epochs += 1
         val_loss, val_acc = evaluate(model, self.data.val_x, self.data.val_y, s.eval_batch_size)
