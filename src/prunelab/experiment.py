@@ -6,6 +6,7 @@ methods at once; methods and the training loop see only what they need.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
@@ -16,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelab.config import RunConfig, run_id, to_dict
+from prunelab.config import MethodConfig, RunConfig, run_id, to_dict
 from prunelab.data import DataSplits, load_splits
 from prunelab.errors import UserError
 from prunelab.methods import METHODS
-from prunelab.methods.context import Context
+from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
-from prunelab.sparsity.mask import Masker, collapsed_layers, prunable_parameters, weight_sparsity
-from prunelab.store import RunFolder, Store, atomic_torch_save
+from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
+from prunelab.store import RunFolder, Store, atomic_torch_save, safe_torch_load
 from prunelab.training.cost import forward_flops
-from prunelab.training.loop import LoopSettings, Trainer, evaluate
+from prunelab.training.loop import Cost, LoopSettings, Trainer, evaluate
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,12 @@ def headline(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def run(cfg: RunConfig, runtime: Runtime) -> tuple[dict[str, Any], bool]:
-    """Run ``cfg`` (or return its stored result). Returns (summary, was_cached)."""
+def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tuple[dict[str, Any], bool]:
+    """Run ``cfg`` (or return its stored result). Returns (summary, was_cached).
+
+    ``data``: the already loaded splits of ``cfg``'s dataset and seed (saves a reload
+    when a method runs its dense pretraining as a run of its own).
+    """
     store = Store(runtime.store)
     rid = run_id(cfg)
     record = store.get(rid)
@@ -78,7 +83,7 @@ def run(cfg: RunConfig, runtime: Runtime) -> tuple[dict[str, Any], bool]:
         return record.summary, True
     folder = store.begin(rid, to_dict(cfg), headline(cfg))
     try:
-        summary = _execute(cfg, rid, folder, runtime)
+        summary = _execute(cfg, rid, folder, runtime, data)
     except KeyboardInterrupt:
         store.mark(rid, "interrupted", "interrupted by the user")
         raise
@@ -93,13 +98,16 @@ def run(cfg: RunConfig, runtime: Runtime) -> tuple[dict[str, Any], bool]:
     return summary, False
 
 
-def _execute(cfg: RunConfig, rid: str, folder: RunFolder, runtime: Runtime) -> dict[str, Any]:
+def _execute(
+    cfg: RunConfig, rid: str, folder: RunFolder, runtime: Runtime, data: DataSplits | None
+) -> dict[str, Any]:
     device = resolve_device(runtime.device)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     seed_everything(cfg.seed)
-    data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
-    data = _to_device(data, device)
+    if data is None:
+        data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
+        data = _to_device(data, device)
     spec = data.spec
     model = build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes).to(device)
     params = prunable_parameters(model, cfg.prune.exclude)
@@ -121,9 +129,27 @@ def _execute(cfg: RunConfig, rid: str, folder: RunFolder, runtime: Runtime) -> d
         log=folder.append_metrics,
         progress=runtime.progress,
     )
-    ctx = Context(cfg, trainer)
+    ctx = Context(cfg, trainer, pretrained=lambda: _pretrained(cfg, runtime, data))
     METHODS.get(cfg.method.name).run(ctx, cfg.method.settings)
     return _finish(ctx, rid, folder, data)
+
+
+def dense_config(cfg: RunConfig) -> RunConfig:
+    """The dense run of the same recipe (data, model, training, seed)."""
+    dense = METHODS.get("dense")
+    return dense.resolve(dataclasses.replace(cfg, method=MethodConfig("dense")))
+
+
+def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretrained:
+    """The stored dense run of ``cfg``'s recipe, trained (and stored) first if it is not there yet.
+
+    Content-addressed: any method of any sweep that needs this pretraining finds
+    the same run id, so it is trained once.
+    """
+    summary, _ = run(dense_config(cfg), runtime, data)
+    weights = safe_torch_load(Store(runtime.store).folder(summary["run_id"]).path / "weights.pt")
+    cost = Cost(**{f.name: summary[f.name] for f in dataclasses.fields(Cost)})
+    return Pretrained(summary["run_id"], weights, cost)
 
 
 def _to_device(data: DataSplits, device: torch.device) -> DataSplits:
@@ -149,7 +175,7 @@ def _finish(ctx: Context, rid: str, folder: RunFolder, data: DataSplits) -> dict
         model.load_state_dict(selection.state)
         selected_test_acc = evaluate(model, data.test_x, data.test_y)[1]
         model.load_state_dict(state)
-    collapsed = collapsed_layers(masker.masks)
+    collapsed = ctx.check_collapse()
     cost = ctx.trainer.cost
     final = history[-1] if history else {}
     return {
@@ -171,5 +197,6 @@ def _finish(ctx: Context, rid: str, folder: RunFolder, data: DataSplits) -> dict
         "dense_train_flops": cost.dense_train_flops,
         "weights_sha256": weights_sha256,
         "collapsed_layers": collapsed,
-        "notes": ctx.notes + [f"layer {n} lost all its weights: the network is disconnected" for n in collapsed],
+        "reused_runs": ctx.reused,
+        "notes": ctx.notes,
     }

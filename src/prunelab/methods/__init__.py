@@ -1,6 +1,9 @@
-"""Pruning methods: one module per family, each registering itself in :data:`METHODS`."""
+"""Pruning methods: one module per family, each registering itself in :data:`METHODS`.
 
-from prunelab.methods import dense, progressive  # noqa: F401  (imported to register)
+Import order is registration order, which is the order `prunelab list methods` shows.
+"""
+
+from prunelab.methods import dense, progressive, retrain, rewinding, pai, cyclic  # noqa: F401, I001
 from prunelab.methods.base import METHODS, MethodSpec, register_method, settings_help
 
 __all__ = ["METHODS", "MethodSpec", "register_method", "settings_help"]

@@ -38,3 +38,27 @@ class PolynomialSchedule:
         progress = (step - self.start + self.every) / (self.end - self.start)
         progress = min(1.0, max(0.0, progress))
         return self.final + (self.initial - self.final) * (1.0 - progress) ** self.power
+
+
+ITERATIVE_SCHEDULES = ("constant", "geometric", "hybrid")
+
+
+def iterative_sparsities(target: float, schedule: str, steps: int, fraction: float, first: float) -> list[float]:
+    """Sparsity after each pruning step of iterative pruning (methods.md section 2); the last is ``target``.
+
+    constant: step i of ``steps`` reaches target * i / steps (each prunes target/steps of ALL weights).
+    geometric: each step removes ``fraction`` of the remaining weights; the
+    first step that would pass the target stops exactly at it.
+    hybrid: a first step to ``first * target``, then geometric steps of ``fraction``.
+    """
+    if schedule == "constant":
+        return [target * i / steps for i in range(1, steps + 1)]
+    if schedule not in ("geometric", "hybrid"):
+        raise ValueError(f"unknown iterative schedule {schedule!r}")
+    sparsities = [first * target] if schedule == "hybrid" else []
+    density = 1.0 - (sparsities[-1] if sparsities else 0.0)
+    while not sparsities or sparsities[-1] < target:
+        density *= 1.0 - fraction
+        reached = 1.0 - density >= target - 1e-12  # float round-off must not add an empty step
+        sparsities.append(target if reached else 1.0 - density)
+    return sparsities

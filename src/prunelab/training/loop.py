@@ -66,6 +66,7 @@ class CycleResult:
 
     history: list[dict[str, Any]] = field(default_factory=list)
     selection: Selection = field(default_factory=Selection)
+    improved_epoch: int = -1  # last epoch (1-based) that beat the best validation accuracy by min_delta
 
 
 class Checkpointer(Protocol):
@@ -156,6 +157,8 @@ class Trainer:
         self.cost = Cost()
         self.optimizer: torch.optim.Optimizer | None = None
         self.cycle_index = 0
+        # Method state that must survive an interruption (rewind points); checkpointed with the cycle.
+        self.extra: dict[str, Any] = {}
         self._resume = checkpointer.load() if checkpointer is not None else None
         self._step_flops = 0.0
         self._dense_step_flops = dense_train_step_flops(self.layer_flops, 1)
@@ -178,16 +181,39 @@ class Trainer:
 
     # ------------------------------------------------------------ the cycle
 
-    def run_cycle(self, name: str, epochs: int, hook: StepHook | None = None, select_kept: int | None = None) -> CycleResult:
+    @property
+    def replaying(self) -> bool:
+        """True while a resumed run re-executes its method up to the interrupted cycle.
+
+        Methods skip state changes (pruning, rewinding, loading) while
+        replaying, up to and including those just before the interrupted cycle
+        starts: its checkpoint restores all of that state when it starts.
+        """
+        return self._resume is not None and self._resume["cycle"] >= self.cycle_index
+
+    def run_cycle(
+        self,
+        name: str,
+        epochs: int,
+        hook: StepHook | None = None,
+        select_kept: int | None = None,
+        optim: OptimSettings | None = None,
+        patience: int = 0,
+        min_delta: float = 0.0,
+    ) -> CycleResult:
         """Train ``epochs`` epochs with a fresh optimizer and a full run of the LR schedule.
 
         ``select_kept``: only epochs whose masks keep exactly this many weights
         compete for the validation-selected state (None: every epoch).
+        ``optim`` replaces the optimizer settings for this cycle (fine-tuning).
+        ``patience`` > 0: stop once validation accuracy has not improved by
+        more than ``min_delta`` for ``patience`` epochs, and continue from the
+        best validation epoch's weights (``epochs`` is then the maximum).
         """
         index = self.cycle_index
         self.cycle_index += 1
-        steps_per_epoch = self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model.parameters(), self.settings.optim)
+        optim = optim or self.settings.optim
+        self.optimizer = build_optimizer(self.model.parameters(), optim)
         result, start_epoch = CycleResult(), 0
         resume = self._resume
         if resume is not None and resume["cycle"] > index:
@@ -197,20 +223,25 @@ class Trainer:
             self._resume = None
         started = time.perf_counter()
         for epoch in range(start_epoch, epochs):
-            record = self._train_epoch(name, index, epoch, epochs, steps_per_epoch, hook)
+            if patience and result.improved_epoch > 0 and epoch - result.improved_epoch >= patience:
+                break
+            record = self._train_epoch(name, index, epoch, epochs, optim, hook)
             self.cost.wall_s += time.perf_counter() - started
             started = time.perf_counter()
-            self._select(result.selection, record, epoch, select_kept)
+            self._select(result, record, epoch, select_kept, min_delta)
             result.history.append(record)
             self.log(record)
             self._checkpoint(index, epoch + 1, hook, result)
+        if patience and result.selection.state is not None:
+            self.model.load_state_dict(result.selection.state)
         return result
 
     def _train_epoch(
-        self, name: str, index: int, epoch: int, epochs: int, steps_per_epoch: int, hook: StepHook | None
+        self, name: str, index: int, epoch: int, epochs: int, optim: OptimSettings, hook: StepHook | None
     ) -> dict[str, Any]:
         assert self.optimizer is not None
         model, masker, opt, s = self.model, self.masker, self.optimizer, self.settings
+        steps_per_epoch = self.steps_per_epoch
         model.train()
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, index, epoch))
         batches = train_batches(self.data.train_x, self.data.train_y, s.batch_size, generator, s.augment)
@@ -225,7 +256,7 @@ class Trainer:
             step = epoch * steps_per_epoch + i
             if hook is not None:
                 hook.before_step(step, self)
-            set_lr(opt, lr_at(step, steps_per_epoch, epochs, s.optim))
+            set_lr(opt, lr_at(step, steps_per_epoch, epochs, optim))
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -250,10 +281,16 @@ class Trainer:
             "val_loss": val_loss, "val_acc": val_acc, "kept": kept, "sparsity": 1 - kept / total,
         }
 
-    def _select(self, selection: Selection, record: dict[str, Any], epoch: int, select_kept: int | None) -> None:
-        eligible = select_kept is None or record["kept"] == select_kept
+    def _select(
+        self, result: CycleResult, record: dict[str, Any], epoch: int, select_kept: int | None, min_delta: float
+    ) -> None:
         val = record["val_acc"]
-        if eligible and val == val and val > selection.val_acc:  # val == val: not NaN
+        if select_kept is not None and record["kept"] != select_kept or val != val:  # val != val: NaN
+            return
+        selection = result.selection
+        if val > selection.val_acc + min_delta:
+            result.improved_epoch = epoch + 1
+        if val > selection.val_acc:
             selection.val_acc, selection.epoch = val, epoch + 1
             selection.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -274,6 +311,8 @@ class Trainer:
             "rng": rng_state(),
             "history": result.history,
             "selection": asdict(result.selection),
+            "improved_epoch": result.improved_epoch,
+            "extra": dict(self.extra),
         })
 
     def _restore(self, state: dict[str, Any], hook: StepHook | None, result: CycleResult) -> int:
@@ -288,4 +327,7 @@ class Trainer:
         set_rng_state(state["rng"])
         result.history.extend(state["history"])
         result.selection = Selection(**state["selection"])
+        result.improved_epoch = int(state["improved_epoch"])
+        self.extra.clear()
+        self.extra.update(state["extra"])
         return int(state["epoch"])

@@ -1,0 +1,77 @@
+"""``cyclic`` training of a fixed mask and ``sculpt`` (seed arXiv 2406.02773, methods.md section 3).
+
+No official code was found for the seed; the details come from reviews of the
+paper. cyclic: a mask from a pruning-at-initialisation criterion, then C
+cycles of the learning-rate schedule, each continuing from the current
+weights (learning-rate rewinding without pruning). sculpt: the same at a LOW
+sparsity s0, then ONE global magnitude prune to the target and one more cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prunelab.errors import UserError
+from prunelab.methods.base import register_method
+from prunelab.methods.context import Context
+from prunelab.methods.scoring import PAI_SCORES, prune_by
+from prunelab.sparsity.allocate import global_masks
+from prunelab.sparsity.scores import magnitude
+
+if TYPE_CHECKING:
+    from prunelab.config import RunConfig
+
+
+@dataclass(frozen=True)
+class CyclicSettings:
+    """The initial mask's criterion and the number of cycles."""
+
+    score: str = field(default="random", metadata={"help": "criterion at init: " + ", ".join(PAI_SCORES)})
+    cycles: int = field(default=4, metadata={"help": "cycles of the LR schedule with the fixed mask (C)"})
+    temperature: float = field(default=200.0, metadata={"help": "grasp: softmax temperature"})
+    samples_per_class: int = field(default=10, metadata={"help": "grasp: training images per class"})
+    iterations: int = field(default=100, metadata={"help": "synflow: pruning iterations"})
+
+
+@dataclass(frozen=True)
+class SculptSettings(CyclicSettings):
+    """SCULPT: cyclic training at a low sparsity, one magnitude prune, one last cycle."""
+
+    initial_sparsity: float = field(default=0.5, metadata={"help": "sparsity s0 of the initial mask"})
+
+
+def _check(cfg: RunConfig) -> RunConfig:
+    s = cfg.method.settings
+    if s.score not in PAI_SCORES:
+        raise UserError(f"unknown criterion at init {s.score!r}; choose one of: {', '.join(PAI_SCORES)}")
+    if s.cycles < 1:
+        raise UserError(f"method.cycles must be at least 1, got {s.cycles}")
+    if isinstance(s, SculptSettings) and not 0 <= s.initial_sparsity <= cfg.prune.sparsity:
+        raise UserError(
+            f"method.initial_sparsity must be in [0, sparsity {cfg.prune.sparsity}], got {s.initial_sparsity}"
+        )
+    return cfg
+
+
+@register_method("cyclic", CyclicSettings,
+                 "mask at init (random per layer by default), then C cycles of the LR schedule with it", _check)
+def cyclic(ctx: Context, s: CyclicSettings) -> None:
+    """Prune at init to the target, then C cycles with the mask fixed."""
+    prune_by(ctx, s.score, ctx.target_density, s)
+    for c in range(1, s.cycles + 1):
+        ctx.train_cycle(f"cycle {c}/{s.cycles}")
+
+
+@register_method("sculpt", SculptSettings,
+                 "mask at init at s0=0.5, C cycles, one global magnitude prune to the target, one cycle", _check)
+def sculpt(ctx: Context, s: SculptSettings) -> None:
+    """Cyclic training at s0, magnitude prune to the target, one final cycle."""
+    prune_by(ctx, s.score, 1.0 - s.initial_sparsity, s)
+    for c in range(1, s.cycles + 1):
+        ctx.train_cycle(f"cycle {c}/{s.cycles}")
+    if not ctx.replaying:
+        # One GLOBAL magnitude prune, whatever allocation gave the initial mask.
+        params, masks = ctx.trainer.masker.params, ctx.trainer.masker.masks
+        ctx.set_masks(global_masks(magnitude(params), ctx.target_density, masks))
+    ctx.train_cycle("final cycle")

@@ -1,0 +1,160 @@
+"""``lottery`` (iterative magnitude pruning with rewinding) and ``lrr`` (learning-rate rewinding).
+
+lottery (Frankle & Carbin 2019; late rewinding, Frankle et al. 2020): train,
+prune a fraction of the remaining weights by magnitude, reset the survivors
+to their values at the rewind point (initialisation, or step k of the first
+training), train again; repeat until the target. lrr (Renda et al. 2020):
+the same rounds, but keep the final weights and restart only the learning-
+rate schedule. The round that would pass the target prunes exactly to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prunelab.errors import UserError
+from prunelab.methods.base import register_method
+from prunelab.methods.context import Context
+from prunelab.sparsity.allocate import allocate, layerwise_masks
+from prunelab.sparsity.mask import Masks, count_kept
+from prunelab.sparsity.scores import magnitude
+from prunelab.training.loop import Trainer
+
+if TYPE_CHECKING:
+    from prunelab.config import RunConfig
+
+REWIND = re.compile(r"^(0|(\d+)(ep|it))$")
+
+
+@dataclass(frozen=True)
+class LRRSettings:
+    """Per-round pruning of learning-rate rewinding."""
+
+    rate: float = field(default=0.2, metadata={"help": "fraction of the remaining weights pruned per round"})
+    layer_rates: tuple[str, ...] = field(
+        default=(), metadata={"help": "per-layer rates 'pattern=rate' (layerwise rounds), e.g. ['fc3=0.1']"}
+    )
+
+
+@dataclass(frozen=True)
+class LotterySettings(LRRSettings):
+    """Per-round pruning and the rewind point of the lottery ticket procedure."""
+
+    rewind: str = field(default="0", metadata={"help": "rewind point: 0 (init), '<N>ep' or '<N>it' of round 0"})
+
+
+def layer_rates(s: LRRSettings) -> list[tuple[str, float]]:
+    """Parsed ``layer_rates`` as (fnmatch pattern, rate)."""
+    out = []
+    for item in s.layer_rates:
+        pattern, _, rate = item.partition("=")
+        out.append((pattern.strip(), float(rate)))
+    return out
+
+
+def _check(cfg: RunConfig) -> RunConfig:
+    s = cfg.method.settings
+    try:
+        rates = [s.rate] + [r for _, r in layer_rates(s)]
+    except ValueError:
+        raise UserError(f"method.layer_rates must be 'pattern=rate' items, got {list(s.layer_rates)}") from None
+    if not all(0 < r < 1 for r in rates):
+        raise UserError(f"pruning rates must be in (0, 1), got {rates}")
+    if isinstance(s, LotterySettings) and not REWIND.match(s.rewind):
+        raise UserError(f"method.rewind must be 0, '<N>ep' or '<N>it', got {s.rewind!r}")
+    return cfg
+
+
+def next_masks(
+    params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, allocation: str, target_kept: int
+) -> Masks:
+    """Masks of the next round: prune ``rate`` of the remaining weights (per layer with
+    ``layer_rates``, else by ``allocation``) by magnitude, never past the target."""
+    total = sum(m.numel() for m in masks.values())
+    rates = layer_rates(s)
+    if not rates:
+        density = max(target_kept / total, count_kept(masks) / total * (1 - s.rate))
+        return allocate(magnitude(params), density, allocation, masks)
+    densities = {}
+    for name, m in masks.items():
+        rate = next((r for p, r in rates if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*")), s.rate)
+        densities[name] = float(m.sum()) * (1 - rate) / m.numel()
+    planned = sum(d * masks[n].numel() for n, d in densities.items())
+    if planned < target_kept:  # the last round: scale every layer so the total is exactly the target
+        densities = {n: d * target_kept / planned for n, d in densities.items()}
+    return layerwise_masks(magnitude(params), densities, masks)
+
+
+def prune_rounds(params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, allocation: str,
+                 target_kept: int) -> int:
+    """Rounds to the target (ceil(log(1 - s) / log(1 - rate)) for one global rate), by dry run."""
+    rounds = 0
+    while count_kept(masks) > target_kept:
+        masks = next_masks(params, masks, s, allocation, target_kept)
+        rounds += 1
+    return rounds
+
+
+def _rounds(ctx: Context, s: LRRSettings) -> Iterator[int]:
+    """Yields 1..R after pruning round r (pruning skipped while a resumed run replays)."""
+    m = ctx.trainer.masker
+    args = (s, ctx.cfg.prune.allocation, ctx.target_kept)
+    for r in range(1, prune_rounds(m.params, m.masks, *args) + 1):
+        if not ctx.replaying:
+            ctx.set_masks(next_masks(m.params, m.masks, *args))
+        yield r
+
+
+class Snapshot:
+    """Saves the network's state before the batch of ``step`` (i.e. after ``step`` optimizer steps)."""
+
+    def __init__(self, step: int, name: str) -> None:
+        self.step, self.name = step, name
+
+    def before_step(self, step: int, trainer: Trainer) -> None:
+        if step == self.step:
+            trainer.extra[self.name] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def _rewind_step(rewind: str, steps_per_epoch: int, total: int) -> int:
+    n, unit = int(REWIND.match(rewind).group(2)), REWIND.match(rewind).group(3)  # type: ignore[union-attr]
+    step = n * steps_per_epoch if unit == "ep" else n
+    if step >= total:
+        raise UserError(f"rewind point {rewind} is past the end of the first training cycle ({total} steps)")
+    return step
+
+
+@register_method("lottery", LotterySettings,
+                 "iterative magnitude pruning (20%/round), survivors rewound to init or an early step", _check)
+def lottery(ctx: Context, s: LotterySettings) -> None:
+    """Round 0 trains dense; each later round prunes, rewinds and retrains."""
+    if s.rewind == "0":
+        ctx.save_point("rewind")
+        ctx.load_pretrained()  # the stored dense run starts from the same initialisation (same seed)
+    else:
+        step = _rewind_step(s.rewind, ctx.trainer.steps_per_epoch, ctx.trainer.steps_per_epoch * ctx.cfg.train.epochs)
+        ctx.train_cycle("round 0", hook=Snapshot(step, "rewind"))
+    for r in _rounds(ctx, s):
+        ctx.rewind("rewind")
+        ctx.train_cycle(f"round {r}")
+
+
+@register_method("lrr", LRRSettings,
+                 "iterative magnitude pruning (20%/round) keeping the weights, restarting the LR schedule", _check)
+def lrr(ctx: Context, s: LRRSettings) -> None:
+    """Pretrained dense; each round prunes and retrains a full cycle from the current weights."""
+    ctx.load_pretrained()
+    for r in _rounds(ctx, s):
+        ctx.train_cycle(f"round {r}")

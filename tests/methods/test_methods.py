@@ -1,0 +1,216 @@
+"""Every registered method, on tiny real-format data: exact sparsity, zeros kept, honest cost, resume.
+
+Parametrized over the method registry: a newly registered method is tested
+without touching this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from prunelab.config import build_config
+from prunelab.experiment import Runtime, run
+from prunelab.methods import METHODS
+from prunelab.store import RunFolder, Store
+from prunelab.training.loop import Trainer
+
+TINY = {"data.val_size": 200, "train.batch_size": 100, "epochs": 1}  # 1000 train images: 10 steps/epoch
+TOTAL = 266_200  # LeNet-300-100's Linear weights
+
+# Cycles each method trains at sparsity 0.9 with one-epoch cycles (dense pretraining included).
+CYCLES = {"dense": 1, "progressive": 1, "oneshot": 2, "iterative": 12, "lottery": 12, "lrr": 12, "random": 1,
+          "erk": 1, "snip": 1, "grasp": 1, "synflow": 1, "cyclic": 4, "sculpt": 5}
+
+
+def _runtime(store: Path, data: Path) -> Runtime:
+    return Runtime(store=store, data_dir=data, progress=False, download=False)
+
+
+def test_every_canonical_method_is_registered() -> None:
+    assert METHODS.names() == list(CYCLES)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_method_reaches_exact_target_and_counts_every_epoch(method: str, tiny_data_dir: Path, tmp_path: Path) -> None:
+    cfg = build_config({**TINY, "method": method, "sparsity": 0.9})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    assert summary["status"] == "ok"
+    target = 0.0 if method == "dense" else 0.9
+    kept = round((1 - target) * TOTAL)
+    masks = torch.load(tmp_path / summary["run_id"] / "mask.pt", weights_only=True)
+    weights = torch.load(tmp_path / summary["run_id"] / "weights.pt", weights_only=True)
+    assert sum(int(m.sum()) for m in masks.values()) == kept
+    for name, m in masks.items():
+        assert torch.count_nonzero(weights[name][~m]) == 0  # pruned weights are exactly zero
+    assert summary["sparsity"] >= 1 - kept / TOTAL and summary["sparsity"] == pytest.approx(target, abs=1e-3)
+    assert summary["epochs"] == CYCLES[method]
+    assert summary["steps"] == 10 * CYCLES[method]
+    assert summary["train_flops"] <= summary["dense_train_flops"]
+    if method in ("oneshot", "iterative", "lrr", "lottery"):
+        assert len(summary["reused_runs"]) == 1  # the dense pretraining is a stored run, reused
+
+
+def test_pretraining_is_reused_not_retrained(tiny_data_dir: Path, tmp_path: Path) -> None:
+    first, _ = run(build_config({**TINY, "method": "oneshot"}), _runtime(tmp_path, tiny_data_dir))
+    dense = Store(tmp_path).get(first["reused_runs"][0])
+    assert dense is not None and dense.status == "ok" and dense.method == "dense"
+    created = dense.updated
+    second, _ = run(build_config({**TINY, "method": "lrr"}), _runtime(tmp_path, tiny_data_dir))
+    assert second["reused_runs"] == first["reused_runs"]
+    assert Store(tmp_path).get(first["reused_runs"][0]).updated == created  # not trained again
+    assert second["epochs"] == 12  # its cost still includes the dense epoch
+
+
+class CycleSpy:
+    """Records masks and weights at the start and end of every cycle."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.starts: list[dict[str, Any]] = []
+        self.ends: list[dict[str, Any]] = []
+        original = Trainer.run_cycle
+        spy = self
+
+        def run_cycle(trainer: Trainer, *args: Any, **kwargs: Any) -> Any:
+            spy.starts.append(spy._snap(trainer))
+            result = original(trainer, *args, **kwargs)
+            spy.ends.append(spy._snap(trainer))
+            return result
+
+        monkeypatch.setattr(Trainer, "run_cycle", run_cycle)
+
+    @staticmethod
+    def _snap(trainer: Trainer) -> dict[str, Any]:
+        return {
+            "masks": {k: v.clone() for k, v in trainer.masker.masks.items()},
+            "weights": {k: v.detach().clone() for k, v in trainer.masker.params.items()},
+            "optimizer": trainer.optimizer,
+        }
+
+
+def _init_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    from prunelab.experiment import seed_everything
+    from prunelab.models import build_model
+
+    seed_everything(seed)
+    model = build_model("lenet300", 1, 28, 10)
+    return {k: v.detach().clone() for k, v in model.named_parameters() if k.endswith("weight")}
+
+
+def test_lottery_masks_nested_and_rewound_to_init(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    spy = CycleSpy(monkeypatch)
+    run(build_config({**TINY, "method": "lottery", "sparsity": 0.5}), _runtime(tmp_path, tiny_data_dir))
+    init = _init_weights()
+    rounds = spy.starts[1:]  # starts[0] is the dense pretraining (a run of its own)
+    assert len(rounds) == 4  # ceil(log(0.5) / log(0.8)) = 4 rounds
+    for previous, current in zip(spy.starts[1:], spy.starts[2:]):
+        for name, m in current["masks"].items():
+            assert not (m & ~previous["masks"][name]).any()  # nested: nothing returns
+    for start in rounds:
+        for name, m in start["masks"].items():
+            assert torch.equal(start["weights"][name], init[name] * m)  # survivors rewound exactly
+
+
+def test_lottery_late_rewinding_restores_the_saved_step(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    saved: dict[str, torch.Tensor] = {}
+    from prunelab.methods import rewinding
+
+    original = rewinding.Snapshot.before_step
+
+    def capture(self: Any, step: int, trainer: Trainer) -> None:
+        original(self, step, trainer)
+        if step == self.step:
+            saved.update({k: v.detach().clone() for k, v in trainer.masker.params.items()})
+
+    monkeypatch.setattr(rewinding.Snapshot, "before_step", capture)
+    spy = CycleSpy(monkeypatch)
+    cfg = build_config({**TINY, "method": "lottery", "sparsity": 0.36, "epochs": 2, "method.rewind": "3it"})
+    run(cfg, _runtime(tmp_path, tiny_data_dir))
+    assert saved and len(spy.starts) == 3  # round 0 trained here (late rewinding), then 2 rounds
+    for start in spy.starts[1:]:
+        for name, m in start["masks"].items():
+            assert torch.equal(start["weights"][name], saved[name] * m)
+
+
+def test_lrr_keeps_weights_and_restarts_lr(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    spy = CycleSpy(monkeypatch)
+    summary, _ = run(build_config({**TINY, "method": "lrr", "sparsity": 0.36, "epochs": 2}),
+                     _runtime(tmp_path, tiny_data_dir))
+    for end, start in zip(spy.ends[1:], spy.starts[2:]):
+        for name, m in start["masks"].items():
+            assert torch.equal(start["weights"][name], end["weights"][name] * m)  # no rewind
+    metrics = Store(tmp_path).folder(summary["run_id"]).metrics()
+    lrs = [(m["cycle"], m["epoch"], m["lr"]) for m in metrics]
+    # Cosine over 2 epochs restarts every round: the first epoch's last lr is the same in each round.
+    first = {lr for _, epoch, lr in lrs if epoch == 1}
+    assert len(first) == 1 and len({c for c, _, _ in lrs}) == 2
+
+
+@pytest.mark.parametrize("score", ["random", "snip", "synflow", "magnitude"])
+def test_cyclic_never_changes_its_mask(score: str, tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    spy = CycleSpy(monkeypatch)
+    run(build_config({**TINY, "method": "cyclic", "method.score": score, "method.cycles": 3}),
+        _runtime(tmp_path, tiny_data_dir))
+    first = spy.starts[0]["masks"]
+    assert sum(int(m.sum()) for m in first.values()) == round(0.1 * TOTAL)
+    for snap in spy.starts + spy.ends:
+        assert all(torch.equal(snap["masks"][n], first[n]) for n in first)
+
+
+def test_sculpt_final_mask_is_a_subset_at_the_target(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    spy = CycleSpy(monkeypatch)
+    run(build_config({**TINY, "method": "sculpt", "method.cycles": 2, "method.score": "snip"}),
+        _runtime(tmp_path, tiny_data_dir))
+    initial, final = spy.starts[0]["masks"], spy.starts[-1]["masks"]
+    assert sum(int(m.sum()) for m in initial.values()) == round(0.5 * TOTAL)
+    assert sum(int(m.sum()) for m in final.values()) == round(0.1 * TOTAL)
+    assert all(not (final[n] & ~initial[n]).any() for n in final)
+    assert len(spy.starts) == 3
+
+
+@pytest.mark.parametrize(("raw", "cycles"), [
+    ({"method": "iterative", "method.schedule": "constant", "method.steps": 3}, 1 + 3),
+    ({"method": "iterative", "method.schedule": "geometric", "method.fraction": 0.5}, 1 + 4),
+    ({"method": "iterative", "method.schedule": "hybrid", "method.fraction": 0.3}, 1 + 5),
+    ({"method": "oneshot", "method.patience": 1, "method.finetune_epochs": 6}, None),
+    ({"method": "oneshot", "method.score": "taylor"}, 2),
+    ({"method": "oneshot", "method.score": "hessian", "method.batches": 2}, 2),
+])
+def test_retrain_variants(raw: dict, cycles: int | None, tiny_data_dir: Path, tmp_path: Path) -> None:
+    summary, _ = run(build_config({**TINY, **raw}), _runtime(tmp_path, tiny_data_dir))
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    if cycles is not None:
+        assert summary["epochs"] == cycles
+    else:  # early stopping: at least patience + 1 fine-tuning epochs, at most the cap
+        assert 1 + 2 <= summary["epochs"] <= 1 + 6
+
+
+@pytest.mark.parametrize("raw", [
+    {"method": "lottery", "sparsity": 0.5},
+    {"method": "sculpt", "method.cycles": 2},
+    {"method": "oneshot", "epochs": 3},
+    {"method": "iterative", "method.schedule": "constant", "method.steps": 3},
+])
+def test_multi_cycle_methods_resume_bit_identical(raw: dict, tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = build_config({**TINY, **raw})
+    reference, _ = run(cfg, _runtime(tmp_path / "a", tiny_data_dir))
+    original = RunFolder.append_metrics
+    calls = {"n": 0}
+
+    def interrupt(self: RunFolder, record: dict[str, Any]) -> None:
+        original(self, record)
+        if self.path.name == reference["run_id"]:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third epoch of the method's own cycles: earlier cycles are replayed
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, _runtime(tmp_path / "b", tiny_data_dir))
+    monkeypatch.setattr(RunFolder, "append_metrics", original)
+    resumed, _ = run(cfg, _runtime(tmp_path / "b", tiny_data_dir))
+    for key in ("weights_sha256", "test_acc", "sparsity", "epochs", "steps", "train_flops", "reused_runs", "notes"):
+        assert resumed[key] == reference[key], key
