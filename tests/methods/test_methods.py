@@ -35,9 +35,19 @@ def test_every_canonical_method_is_registered() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS.names())
-def test_method_reaches_exact_target_and_counts_every_epoch(method: str, tiny_data_dir: Path, tmp_path: Path) -> None:
+def test_method_reaches_exact_target_and_counts_every_epoch(
+    method: str, tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = CycleSpy(monkeypatch)
     cfg = build_config({**TINY, "method": method, "sparsity": 0.9})
     summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    for end in spy.ends:  # after every cycle: pruned weights and their momentum are exactly zero
+        for name, m in end["masks"].items():
+            assert torch.count_nonzero(end["weights"][name][~m]) == 0
+        for p, state in end["optimizer"].state.items():
+            name = next((n for n, q in end["params"].items() if q is p), None)
+            if name is not None:
+                assert torch.count_nonzero(state["momentum_buffer"][~end["masks"][name]]) == 0
     assert summary["status"] == "ok"
     target = 0.0 if method == "dense" else 0.9
     kept = round((1 - target) * TOTAL)
@@ -88,6 +98,7 @@ class CycleSpy:
             "masks": {k: v.clone() for k, v in trainer.masker.masks.items()},
             "weights": {k: v.detach().clone() for k, v in trainer.masker.params.items()},
             "optimizer": trainer.optimizer,
+            "params": dict(trainer.masker.params),
         }
 
 

@@ -57,13 +57,12 @@ def masks_by(
         return ctx.allocate(fn(model, params, batches, ctx.generator(f"{score}-probe")), density)
     if score == "snip":
         x, y = ctx.sample(batch, "snip")
-        return ctx.allocate(pai.snip_scores(model, params, x, y), density)
+        return pai.snip_masks(model, params, x, y, density, allocation, masks)
     if score == "grasp":
         data = ctx.trainer.data
         x, y = pai.balanced_sample(data.train_x, data.train_y, samples_per_class, ctx.generator("grasp"))
-        # GraSP removes the HIGHEST S = -w * Hg, i.e. keeps the lowest: allocate keeps the highest of -S.
-        s = pai.grasp_scores(model, params, x, y, temperature)
-        return ctx.allocate({n: -v for n, v in s.items()}, density)
+        # GraSP REMOVES the highest S = -w * Hg: grasp_masks keeps the lowest.
+        return pai.grasp_masks(model, params, x, y, density, allocation, temperature, masks)
     if score == "synflow":
         spec = ctx.trainer.data.spec
         shape = (spec.channels, spec.image_size, spec.image_size)
