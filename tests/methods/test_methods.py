@@ -225,3 +225,35 @@ def test_multi_cycle_methods_resume_bit_identical(raw: dict, tiny_data_dir: Path
     resumed, _ = run(cfg, _runtime(tmp_path / "b", tiny_data_dir))
     for key in ("weights_sha256", "test_acc", "sparsity", "epochs", "steps", "train_flops", "reused_runs", "notes"):
         assert resumed[key] == reference[key], key
+
+
+def test_lottery_per_layer_rates(tiny_data_dir: Path, tmp_path: Path) -> None:
+    cfg = build_config({**TINY, "method": "lottery", "sparsity": 0.5, "method.layer_rates": ["fc3=0.1"]})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    masks = torch.load(tmp_path / summary["run_id"] / "mask.pt", weights_only=True)
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * TOTAL)
+    density = {n: float(m.float().mean()) for n, m in masks.items()}
+    assert density["fc3.weight"] > density["fc1.weight"]  # the output layer is pruned at half the rate
+
+
+@pytest.mark.parametrize("allocation", ["global", "layerwise", "erk"])
+@pytest.mark.parametrize("method", ["oneshot", "snip", "grasp", "synflow"])
+def test_every_allocation_is_exact(method: str, allocation: str, tiny_data_dir: Path, tmp_path: Path) -> None:
+    cfg = build_config({**TINY, "method": method, "sparsity": 0.8, "prune.allocation": allocation})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    masks = torch.load(tmp_path / summary["run_id"] / "mask.pt", weights_only=True)
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * TOTAL)
+    if allocation == "layerwise":
+        assert all(abs(float(m.float().mean()) - 0.2) < 1e-3 for m in masks.values())
+
+
+def test_layer_collapse_is_reported(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # One-shot global magnitude pruning at 99.99% of LeNet-300-100 keeps 27 weights. Observed:
+    # all of them in fc2/fc3 (fc1's weights are the smallest: its fan-in is 784), so fc1 collapses.
+    cfg = build_config({**TINY, "method": "oneshot", "sparsity": 0.9999})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    masks = torch.load(tmp_path / summary["run_id"] / "mask.pt", weights_only=True)
+    empty = [n for n, m in masks.items() if not m.any()]
+    assert empty == ["fc1.weight"]
+    assert summary["collapsed_layers"] == empty
+    assert all(any(n in note for note in summary["notes"]) for n in empty)
