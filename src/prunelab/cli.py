@@ -66,11 +66,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help="learning rate; default 0.1")
     run.add_argument("--batch-size", type=int, help="batch size; default 128")
     _add_runtime(run)
-    run.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
-    run.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
-    run.add_argument("--threads", type=int, help="torch CPU threads; default: all cores")
-    run.add_argument("--no-download", action="store_true", help="never download datasets")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_data_options(run)
+
+    sw = sub.add_parser("sweep", help="run a grid of configurations from a YAML sweep file")
+    sw.add_argument("file", type=Path, help="YAML with 'base' and 'grid' sections")
+    sw.add_argument("--workers", type=int, default=None, help="worker processes; default one per core")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their estimated cost, run nothing")
+    _add_runtime(sw)
+    _add_data_options(sw)
+
+    rep = sub.add_parser("report", help="tables and plots of stored runs (report.md, report.html, PNG, SVG)")
+    rep.add_argument("--out", type=Path, required=True, help="folder to write the report into")
+    rep.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                     help="keep runs whose field equals value, e.g. --where model=lenet300 (repeatable)")
+    rep.add_argument("--layer-sparsity", type=float, help="sparsity for the per-layer and mask-overlap plots")
+    _add_runtime(rep)
 
     lst = sub.add_parser("list", help="list methods, models, datasets or stored runs")
     lst.add_argument("what", choices=["methods", "models", "datasets", "runs"])
@@ -86,6 +96,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads per run; default: cores (divided among workers)")
+    p.add_argument("--no-download", action="store_true", help="never download datasets")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    from prunelab.experiment import Runtime
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    return Runtime(
+        store=_store_dir(args.store),
+        data_dir=args.data_dir,
+        device=args.device,
+        threads=args.threads,
+        progress=False if args.no_progress else None,
+        download=not args.no_download,
+    )
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store folder; default $PRUNELAB_STORE or ./runs")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
@@ -96,24 +129,77 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from prunelab.config import load_config
-    from prunelab.experiment import Runtime, run
+    from prunelab.experiment import run
 
     flags = {k: getattr(args, k) for k in FLAG_KEYS}
     cfg = load_config(args.config, args.set, flags)
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
-    runtime = Runtime(
-        store=_store_dir(args.store),
-        data_dir=args.data_dir,
-        device=args.device,
-        threads=args.threads,
-        progress=False if args.no_progress else None,
-        download=not args.no_download,
-    )
-    summary, cached = run(cfg, runtime)
+    summary, cached = run(cfg, _runtime(args))
     if cached:
         print(f"run {summary['run_id']} is already in the store; showing its stored result", file=sys.stderr)
     _print_summary(summary, args.json)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from prunelab.store import Store
+    from prunelab.sweep import expand, pretraining, read_sweep, sweep
+
+    workers = args.workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    points = expand(*read_sweep(args.file))
+    runtime = _runtime(args)
+    if args.dry_run:
+        _print_plan(points, pretraining(points), Store(runtime.store), args.json)
+        return 0
+    result = sweep(points, runtime, workers, runtime.progress, log=lambda m: print(m, file=sys.stderr))
+    for rid, error in result.errors.items():
+        print(f"run {rid} failed: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        print(f"{result.runs} grid points: {result.done} done, {result.skipped} skipped, {result.failed} failed"
+              + (f" ({result.pretrained} dense pretraining runs trained first)" if result.pretrained else ""))
+    return 1 if result.failed else 0
+
+
+def _print_plan(points: list[Any], shared: list[Any], store: Any, as_json: bool) -> None:
+    from prunelab.config import run_id
+
+    stored = {r.run_id for r in store.records() if r.status == "ok"}
+    rows, seen = [], set()
+    for p in points:
+        state = "stored" if p.run_id in stored else "repeat" if p.run_id in seen else "to run"
+        seen.add(p.run_id)
+        rows.append({"run_id": p.run_id, "method": p.cfg.method.name, "model": p.cfg.model.name,
+                     "sparsity": p.cfg.prune.sparsity, "seed": p.cfg.seed, "epochs": p.epochs, "state": state})
+    new_dense = [c for c in shared if run_id(c) not in stored]
+    # Pretraining is trained once for all the runs that share it.
+    epochs = sum(r["epochs"] - (p.cfg.train.epochs if p.pretrained else 0)
+                 for r, p in zip(rows, points) if r["state"] == "to run")
+    epochs += sum(c.train.epochs for c in new_dense if run_id(c) not in {r["run_id"] for r in rows})
+    if as_json:
+        print(json.dumps({"runs": rows, "estimated_epochs": epochs}))
+        return
+    _print_table(rows)
+    print(f"estimated training: {epochs:g} epochs (at most that many dense-epoch equivalents), "
+          f"{len(new_dense)} shared dense pretraining runs included")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prunelab.report import write_report
+
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--where expects field=value, got {item!r}")
+        where[key.strip()] = value.strip()
+    paths = write_report(_store_dir(args.store), args.out, where, args.layer_sparsity)
+    if args.json:
+        print(json.dumps([str(p) for p in paths]))
+    else:
+        print(f"wrote {len(paths)} files to {args.out} (open {args.out / 'report.html'})")
     return 0
 
 
@@ -226,7 +312,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "fetch": cmd_fetch}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "show": cmd_show,
+            "fetch": cmd_fetch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

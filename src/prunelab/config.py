@@ -186,14 +186,15 @@ ALIASES = {
 # ---------------------------------------------------------------- building from raw values
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys, with the top-level aliases resolved."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if not isinstance(key, str):
             raise UserError(f"config keys must be strings, got {key!r}")
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{path}."))
+            flat.update(flatten(value, f"{path}."))
         else:
             flat[ALIASES.get(path, path)] = value
     return flat
@@ -267,8 +268,8 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
     settings = _build(spec.settings, settings_raw, "method.")
     known = _keys_of(RunConfig, "") + [f"method.{f.name}" for f in dataclasses.fields(spec.settings)]
     for key in list(settings_raw) + [k for k in raw if k not in known]:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(key, list(ALIASES), n=1)
+        hint = f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
         raise UserError(f"unknown config key {key!r}{hint} for method {method_name!r}")
     sections = {
         "data": _build(DataConfig, raw, "data."),
@@ -297,6 +298,11 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Flattened dotted keys of a YAML config file."""
+    return flatten(read_yaml_tree(path))
+
+
+def read_yaml_tree(path: Path) -> Mapping[str, Any]:
+    """The mapping a YAML file holds; one sentence for a missing, unreadable or malformed file."""
     try:
         tree = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -311,7 +317,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(tree, Mapping):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(tree).__name__}")
-    return _flatten(tree)
+    return tree
 
 
 def load_config(

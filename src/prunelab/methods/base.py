@@ -24,6 +24,24 @@ class NoSettings:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What a run of a method will train, known before it starts (for sweeps).
+
+    ``epochs``: all epochs it trains, its dense pretraining included (an upper
+    bound with early stopping). ``pretrained``: whether it starts from the
+    stored dense run of its recipe (a sweep trains that run first, once).
+    """
+
+    epochs: float
+    pretrained: bool = False
+
+
+def one_cycle(cfg: RunConfig) -> Plan:
+    """The plan of a method that trains one cycle from scratch."""
+    return Plan(cfg.train.epochs)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered method.
 
@@ -37,6 +55,7 @@ class MethodSpec:
     settings: type
     run: Callable[[Context, Any], None]
     resolve: Callable[[RunConfig], RunConfig]
+    plan: Callable[[RunConfig], Plan] = one_cycle
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -51,11 +70,12 @@ def register_method(
     settings: type,
     summary: str,
     resolve: Callable[[RunConfig], RunConfig] = _identity,
+    plan: Callable[[RunConfig], Plan] = one_cycle,
 ) -> Callable[[Callable[[Context, Any], None]], Callable[[Context, Any], None]]:
     """Decorator registering a method program under ``name`` with its settings class."""
 
     def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
-        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve))
+        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve, plan))
         return run
 
     return decorate

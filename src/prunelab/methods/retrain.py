@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Plan, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import TRAINED_SCORES, prune_by
 from prunelab.sparsity.schedules import ITERATIVE_SCHEDULES, iterative_sparsities
@@ -76,8 +76,24 @@ def step_fraction(s: IterativeSettings, target: float) -> float:
     return 0.2
 
 
+def _plan(cfg: RunConfig) -> Plan:
+    s, epochs = cfg.method.settings, cfg.train.epochs
+    finetune = s.finetune_epochs or epochs
+    if not isinstance(s, IterativeSettings):
+        return Plan(epochs + finetune, pretrained=True)
+    steps = iterative_sparsities(cfg.prune.sparsity, s.schedule, s.steps, step_fraction(s, cfg.prune.sparsity), s.first)
+    if s.schedule == "hybrid":
+        return Plan(epochs + finetune + (len(steps) - 1) * short_epochs(s, epochs), pretrained=True)
+    return Plan(epochs + len(steps) * finetune, pretrained=True)
+
+
+def short_epochs(s: IterativeSettings, epochs: int) -> int:
+    """Fine-tuning epochs after each later step of the hybrid schedule."""
+    return s.step_epochs or max(1, math.ceil(epochs / 10))
+
+
 @register_method("oneshot", OneShotSettings,
-                 "train dense (reused from the store), prune once to the target, fine-tune", _check)
+                 "train dense (reused from the store), prune once to the target, fine-tune", _check, _plan)
 def oneshot(ctx: Context, s: OneShotSettings) -> None:
     """Pretrained dense -> one prune -> fine-tune."""
     ctx.load_pretrained()
@@ -86,15 +102,14 @@ def oneshot(ctx: Context, s: OneShotSettings) -> None:
 
 
 @register_method("iterative", IterativeSettings,
-                 "train dense, then prune-and-fine-tune steps on a constant, geometric or hybrid schedule", _check)
+                 "train dense, then prune-and-fine-tune steps on a constant, geometric or hybrid schedule", _check, _plan)
 def iterative(ctx: Context, s: IterativeSettings) -> None:
     """Pretrained dense -> (prune a step, fine-tune) until the target."""
     ctx.load_pretrained()
     target = ctx.cfg.prune.sparsity
     sparsities = iterative_sparsities(target, s.schedule, s.steps, step_fraction(s, target), s.first)
     long_epochs = s.finetune_epochs or ctx.cfg.train.epochs
-    short_epochs = s.step_epochs or max(1, math.ceil(ctx.cfg.train.epochs / 10))
     for i, sparsity in enumerate(sparsities):
         prune_by(ctx, s.score, 1.0 - sparsity, s)
-        epochs = long_epochs if s.schedule != "hybrid" or i == 0 else short_epochs
+        epochs = long_epochs if s.schedule != "hybrid" or i == 0 else short_epochs(s, ctx.cfg.train.epochs)
         ctx.finetune(f"step {i + 1}/{len(sparsities)}", epochs, s.finetune_lr, s.patience, s.min_delta)

@@ -11,6 +11,7 @@ rate schedule. The round that would pass the target prunes exactly to it.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prunelab.errors import UserError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Plan, register_method
 from prunelab.methods.context import Context
 from prunelab.sparsity.allocate import allocate, layerwise_masks
 from prunelab.sparsity.mask import Masks, count_kept
@@ -136,8 +137,16 @@ def _rewind_step(rewind: str, steps_per_epoch: int, total: int) -> int:
     return step
 
 
+def _plan(cfg: RunConfig) -> Plan:
+    """Rounds = ceil(log(1 - s) / log(1 - rate)) (per-layer rates make it an estimate), plus round 0."""
+    s, sparsity = cfg.method.settings, cfg.prune.sparsity
+    rounds = math.ceil(math.log(1 - sparsity) / math.log(1 - s.rate) - 1e-9) if sparsity > 0 else 0
+    late = isinstance(s, LotterySettings) and s.rewind != "0"
+    return Plan((rounds + 1) * cfg.train.epochs, pretrained=not late)
+
+
 @register_method("lottery", LotterySettings,
-                 "iterative magnitude pruning (20%/round), survivors rewound to init or an early step", _check)
+                 "iterative magnitude pruning (20%/round), survivors rewound to init or an early step", _check, _plan)
 def lottery(ctx: Context, s: LotterySettings) -> None:
     """Round 0 trains dense; each later round prunes, rewinds and retrains."""
     if s.rewind == "0":
@@ -152,7 +161,7 @@ def lottery(ctx: Context, s: LotterySettings) -> None:
 
 
 @register_method("lrr", LRRSettings,
-                 "iterative magnitude pruning (20%/round) keeping the weights, restarting the LR schedule", _check)
+                 "iterative magnitude pruning (20%/round) keeping the weights, restarting the LR schedule", _check, _plan)
 def lrr(ctx: Context, s: LRRSettings) -> None:
     """Pretrained dense; each round prunes and retrains a full cycle from the current weights."""
     ctx.load_pretrained()

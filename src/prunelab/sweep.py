@@ -1,0 +1,189 @@
+"""Sweeps: a grid over config fields, expanded into runs and executed by local worker processes.
+
+A sweep file::
+
+    base: {model: lenet300, dataset: fashion-mnist, epochs: 2}
+    grid: {method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}
+
+``base`` and ``grid`` take any config key (dotted, or the short aliases).
+Every grid point becomes a resolved config; points that resolve to the same
+run (``dense`` at two sparsities) are one run. Runs already in the store are
+skipped. Dense pretraining that several runs share is trained first, once.
+A failing run is recorded in the store with its error; the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from prunelab.config import RunConfig, build_config, flatten, read_yaml_tree, run_id
+from prunelab.errors import UserError
+from prunelab.experiment import Runtime, dense_config, run
+from prunelab.methods import METHODS
+from prunelab.store import Store
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its raw settings, resolved config, run id and plan."""
+
+    raw: dict[str, Any]
+    cfg: RunConfig
+    run_id: str
+    epochs: float
+    pretrained: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one run of the sweep."""
+
+    run_id: str
+    status: str  # ok | failed
+    error: str | None = None
+
+
+def read_sweep(path: Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """(base, grid) of a sweep file, flattened to dotted keys."""
+    tree = read_yaml_tree(path)
+    unknown = set(tree) - {"base", "grid"}
+    if unknown:
+        raise UserError(f"sweep file {path} has unknown sections {sorted(unknown)}; use 'base' and 'grid'")
+    base, grid = tree.get("base") or {}, tree.get("grid") or {}
+    if not isinstance(base, Mapping) or not isinstance(grid, Mapping):
+        raise UserError(f"'base' and 'grid' in {path} must be mappings of config keys")
+    flat_grid = flatten(grid)
+    for key, values in flat_grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"grid key {key!r} in {path} must be a non-empty list of values, got {values!r}")
+    return flatten(base), flat_grid
+
+
+def expand(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[Point]:
+    """Every grid point (product over grid keys in file order) as a validated, planned run."""
+    points = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        raw = {**base, **dict(zip(keys, values))}
+        try:
+            cfg = build_config(raw)
+        except UserError as exc:
+            where = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+            raise UserError(f"grid point {where}: {exc}") from None
+        plan = METHODS.get(cfg.method.name).plan(cfg)
+        points.append(Point(raw, cfg, run_id(cfg), plan.epochs, plan.pretrained))
+    return points
+
+
+def pretraining(points: Sequence[Point]) -> list[RunConfig]:
+    """The dense runs that pretrained methods will ask for, once each (they run first)."""
+    needed: dict[str, RunConfig] = {}
+    for p in points:
+        if p.pretrained:
+            cfg = dense_config(p.cfg)
+            needed.setdefault(run_id(cfg), cfg)
+    return list(needed.values())
+
+
+def _work(cfg: RunConfig, runtime: Runtime) -> Outcome:
+    """Run one config in a worker process; any failure becomes an Outcome (the store has it too)."""
+    try:
+        summary, _ = run(cfg, runtime)
+        return Outcome(summary["run_id"], "ok")
+    except UserError as exc:
+        return Outcome(run_id(cfg), "failed", str(exc))
+    except Exception as exc:  # noqa: BLE001 (a bug in one run must not stop the sweep)
+        return Outcome(run_id(cfg), "failed", f"{type(exc).__name__}: {exc}")
+
+
+def execute(
+    configs: Sequence[RunConfig],
+    runtime: Runtime,
+    workers: int,
+    progress: bool | None = None,
+    desc: str = "sweep",
+) -> list[Outcome]:
+    """Run ``configs`` in ``workers`` processes (each with cores // workers torch threads)."""
+    if not configs:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    runtime = replace(runtime, threads=runtime.threads or threads, progress=False)
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=len(configs), desc=desc, unit="run", disable=None if progress is None else not progress)
+    # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures: dict[Future[Outcome], RunConfig] = {pool.submit(_work, c, runtime): c for c in configs}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except Exception as exc:  # noqa: BLE001 (a worker died: record it, go on)
+                rid = run_id(futures[future])
+                outcome = Outcome(rid, "failed", f"worker process died: {type(exc).__name__}: {exc}")
+                Store(runtime.store).mark(rid, "failed", outcome.error)
+            outcomes.append(outcome)
+            bar.update(1)
+            bar.set_postfix(failed=sum(o.status == "failed" for o in outcomes))
+    bar.close()
+    return outcomes
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Counts over grid points: each is done (trained now), skipped (already stored) or failed."""
+
+    runs: int
+    done: int
+    skipped: int
+    failed: int
+    pretrained: int
+    errors: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"runs": self.runs, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "pretrained": self.pretrained, "errors": self.errors}
+
+
+def sweep(
+    points: Sequence[Point],
+    runtime: Runtime,
+    workers: int,
+    progress: bool | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> SweepResult:
+    """Run every point not yet in the store; shared dense pretraining first."""
+    store = Store(runtime.store)
+    stored = {r.run_id for r in store.records() if r.status == "ok"}
+    todo = {p.run_id: p.cfg for p in points if p.run_id not in stored}
+    shared = {run_id(c): c for c in pretraining(points)}
+    first = [c for rid, c in shared.items() if rid not in stored]  # some may be grid points too
+    rest = [c for rid, c in todo.items() if rid not in shared]
+    log(f"{len(points)} grid points: {len(todo)} runs to train, the rest already stored or repeated"
+        + (f"; {len(first)} shared dense pretraining runs go first" if first else ""))
+    outcomes = execute(first, runtime, workers, progress, "pretraining")
+    outcomes += execute(rest, runtime, workers, progress)
+    by_id = {o.run_id: o for o in outcomes}
+    done = failed = skipped = 0
+    counted: set[str] = set()
+    for p in points:
+        outcome = by_id.get(p.run_id)
+        if outcome is None or p.run_id in counted:
+            skipped += 1  # stored before this sweep, or the same run as an earlier grid point
+        elif outcome.status == "ok":
+            done += 1
+        else:
+            failed += 1
+        counted.add(p.run_id)
+    grid_ids = {p.run_id for p in points}
+    errors = {o.run_id: o.error or "" for o in outcomes if o.status == "failed"}
+    pretrained = sum(1 for o in outcomes if o.run_id not in grid_ids and o.status == "ok")
+    return SweepResult(len(points), done, skipped, failed, pretrained, errors)
