@@ -147,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workers = args.workers or os.cpu_count() or 1
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    points = expand(*read_sweep(args.file))
+    points = expand(read_sweep(args.file))
     runtime = _runtime(args)
     if args.dry_run:
         _print_plan(points, pretraining(points), Store(runtime.store), args.json)

@@ -52,28 +52,50 @@ class Outcome:
     error: str | None = None
 
 
-def read_sweep(path: Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """(base, grid) of a sweep file, flattened to dotted keys."""
+@dataclass(frozen=True)
+class SweepFile:
+    """A parsed sweep file: base settings, the grid, and settings that apply to one method only."""
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    method_settings: dict[str, dict[str, Any]]
+
+
+def read_sweep(path: Path) -> SweepFile:
+    """The sections of a sweep file, flattened to dotted keys.
+
+    ``method_settings: {iterative: {patience: 2}}`` sets ``method.patience``
+    only on grid points whose method is ``iterative`` (other methods have no
+    such setting).
+    """
     tree = read_yaml_tree(path)
-    unknown = set(tree) - {"base", "grid"}
+    unknown = set(tree) - {"base", "grid", "method_settings"}
     if unknown:
-        raise UserError(f"sweep file {path} has unknown sections {sorted(unknown)}; use 'base' and 'grid'")
-    base, grid = tree.get("base") or {}, tree.get("grid") or {}
-    if not isinstance(base, Mapping) or not isinstance(grid, Mapping):
-        raise UserError(f"'base' and 'grid' in {path} must be mappings of config keys")
+        raise UserError(
+            f"sweep file {path} has unknown sections {sorted(unknown)}; use 'base', 'grid' and 'method_settings'"
+        )
+    base, grid, per_method = (tree.get(k) or {} for k in ("base", "grid", "method_settings"))
+    if not all(isinstance(x, Mapping) for x in (base, grid, per_method)):
+        raise UserError(f"'base', 'grid' and 'method_settings' in {path} must be mappings")
     flat_grid = flatten(grid)
     for key, values in flat_grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"grid key {key!r} in {path} must be a non-empty list of values, got {values!r}")
-    return flatten(base), flat_grid
+    settings = {}
+    for method, values in per_method.items():
+        if not isinstance(values, Mapping):
+            raise UserError(f"method_settings.{method} in {path} must be a mapping of that method's settings")
+        settings[str(method)] = {f"method.{k}": v for k, v in flatten(values).items()}
+    return SweepFile(flatten(base), flat_grid, settings)
 
 
-def expand(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[Point]:
+def expand(spec: SweepFile) -> list[Point]:
     """Every grid point (product over grid keys in file order) as a validated, planned run."""
     points = []
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        raw = {**base, **dict(zip(keys, values))}
+    keys = list(spec.grid)
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        raw = {**spec.base, **dict(zip(keys, values))}
+        raw.update(spec.method_settings.get(str(raw.get("method.name", "progressive")), {}))
         try:
             cfg = build_config(raw)
         except UserError as exc:
