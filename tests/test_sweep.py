@@ -66,6 +66,14 @@ def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -
     second = sweep(points, _runtime(tmp_path, tiny_data_dir), workers=2)
     assert (second.runs, second.done, second.skipped, second.failed) == (8, 0, 8, 0)
 
+    # ... and the report of that store (through the CLI, as a user would).
+    out = tmp_path / "report"
+    assert main(["report", "--store", str(tmp_path / "store"), "--out", str(out)]) == 0
+    assert (out / "report.md").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
+    plots = sorted(out.glob("*.png"))
+    assert plots and all(p.stat().st_size > 1000 and p.with_suffix(".svg").exists() for p in plots)
+    assert "progressive" in (out / "report.md").read_text()
+
 
 def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path) -> None:
     points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}")))

@@ -1,0 +1,223 @@
+"""The report's figures, drawn with matplotlib's object API on the Agg canvas (no pyplot, no display).
+
+Each function returns a :class:`~matplotlib.figure.Figure`; :func:`save` writes
+it as PNG and SVG with fixed sizes, a fixed SVG hash salt and no dates, so the
+same store gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+from prunelab.report.references import Reference
+from prunelab.report.tables import Row, Table, pareto_front
+from prunelab.store import atomic_write_bytes
+
+STYLE = {
+    "svg.hashsalt": "prunelab",
+    "svg.fonttype": "path",
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+REFERENCE_MARKERS = ("*", "D", "P", "X", "^", "v", "s", "h")
+SPARSITY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """The report's matplotlib settings, for building and saving a figure."""
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, out: Path, stem: str) -> list[Path]:
+    """Write ``out/stem.png`` and ``out/stem.svg`` (atomically); return both paths."""
+    paths = []
+    for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+        buffer = io.BytesIO()
+        with style():
+            fig.savefig(buffer, format=fmt, dpi=120, metadata=metadata)
+        path = out / f"{stem}.{fmt}"
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def colors_for(labels: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One colour per variant label, stable in label order."""
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def pct(sparsity: float) -> str:
+    """0.9 -> "90%", 0.729 -> "72.9%"."""
+    return f"{100 * sparsity:.2f}".rstrip("0").rstrip(".") + "%"
+
+
+def _acc(row: Row) -> tuple[float, float] | None:
+    mean, std = row.test
+    if mean is None or math.isnan(mean):
+        return None
+    return 100 * mean, 100 * (std or 0.0)
+
+
+def accuracy_vs_density(
+    table: Table, references: Sequence[Reference], colors: Mapping[str, tuple[float, ...]]
+) -> Figure:
+    """Final test accuracy against weights remaining (log, inverted: sparsity grows to the right)."""
+    with style():
+        fig = new_figure(9.0, 4.8)
+        ax = fig.add_subplot()
+        densities = [1.0]
+        for label in table.labels:
+            rows = [r for r in table.rows_of(label) if _acc(r) is not None]
+            if not rows:
+                continue
+            color = colors[label]
+            if rows[0].method == "dense":
+                for r in rows:
+                    mean, std = _acc(r)  # type: ignore[misc]
+                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.15, lw=0)
+                    ax.axhline(mean, color=color, ls="--", lw=1.2, label=f"{label} (mean ± std)")
+                continue
+            xs = [1.0 - r.target for r in rows]
+            densities += xs
+            ys, es = zip(*(_acc(r) for r in rows))  # type: ignore[misc]
+            ax.errorbar(xs, ys, yerr=es, color=color, marker="o", ms=4, capsize=3, lw=1.2, label=label)
+        for k, source in enumerate(dict.fromkeys(r.source for r in references)):
+            refs = [r for r in references if r.source == source]
+            xs = [1.0 - r.sparsity for r in refs]
+            densities += xs
+            ax.errorbar(
+                xs, [r.top1 for r in refs], yerr=[r.std or 0.0 for r in refs], ls="none",
+                marker=REFERENCE_MARKERS[k % len(REFERENCE_MARKERS)], ms=8, mfc="none",
+                color="black", capsize=2, label=f"published: {source}",
+            )
+        ax.set_xlim(1.25, min(densities) * 0.8)  # inverted: dense on the left; before the log scale,
+        ax.set_xscale("log")  # so that a single x never autoscales to a singular range
+        ticks = sorted({1.0 - t for t in table.targets} | {1.0})
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ticks, [pct(1.0 - d) for d in ticks], rotation=45)
+        ax.set_xlabel("target sparsity (x: weights remaining, log scale)")
+        ax.set_ylabel("final-epoch test accuracy (%)")
+        ax.set_title(f"{table.model} on {table.dataset}: accuracy vs sparsity")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return fig
+
+
+def accuracy_vs_cost(table: Table, colors: Mapping[str, tuple[float, ...]]) -> Figure:
+    """One small panel per target sparsity: accuracy against training cost, with the Pareto front."""
+    targets = [t for t in table.targets if t > 0] or table.targets
+    ncols = {1: 1, 2: 2, 3: 3, 4: 2}.get(len(targets), 3)
+    nrows = math.ceil(len(targets) / ncols)
+    dense = [r for r in table.rows if r.method == "dense" and r.cost is not None and _acc(r) is not None]
+    with style():
+        fig = new_figure(3.6 * ncols + 3.2, 3.0 * nrows + 0.4)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(targets):]:
+            ax.set_visible(False)
+        for ax, target in zip(axes.flat, targets):
+            rows = [r for r in table.rows if r.target == target and r.cost is not None and _acc(r) is not None]
+            points = [(r.cost, _acc(r)[0]) for r in rows]  # type: ignore[index]
+            for r, (cost, mean) in zip(rows, points):
+                ax.errorbar([cost], [mean], yerr=[_acc(r)[1]], color=colors[r.label],  # type: ignore[index]
+                            marker="o", ms=5, capsize=3)
+            for r in dense if target > 0 else []:
+                ax.plot([r.cost], [_acc(r)[0]], marker="D", ms=5, color="grey", ls="none")  # type: ignore[index]
+            front = [points[i] for i in pareto_front(points)]
+            if front:
+                xs, ys = [p[0] for p in front], [p[1] for p in front]
+                right = max(p[0] for p in points) * 1.6
+                ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", lw=1, alpha=0.7)
+                ax.scatter(xs, ys, s=110, facecolors="none", edgecolors="black", lw=1.2, zorder=3)
+            costs = [p[0] for p in points] + [r.cost for r in dense if target > 0]
+            if costs:  # a fixed margin, set before the log scale so a single cost is not a singular range
+                ax.set_xlim(min(costs) / 1.6, max(costs) * 1.6)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"sparsity {pct(target)}", fontsize=9)
+            ax.set_xlabel("training cost (dense-epoch equivalents)")
+            ax.set_ylabel("final test acc. (%)")
+        names = [label for label in table.labels if any(r.target in targets for r in table.rows_of(label))]
+        handles = [Line2D([], [], color=colors[label], marker="o", ls="none") for label in names]
+        handles += [Line2D([], [], color="black", lw=1, marker="o", mfc="none", ms=9)]
+        names += ["Pareto front (best accuracy for at most that cost)"]
+        if dense:
+            handles.append(Line2D([], [], color="grey", marker="D", ls="none"))
+            names.append("dense (for reference, not in the front)")
+        fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False)
+        fig.suptitle(f"{table.model} on {table.dataset}: accuracy vs training cost")
+    return fig
+
+
+def layer_density(
+    layers: Sequence[str], series: Mapping[str, Mapping[str, float]],
+    colors: Mapping[str, tuple[float, ...]], title: str,
+) -> Figure:
+    """Grouped bars: per layer, the density each variant's mask keeps (log y when densities spread)."""
+    n = max(1, len(series))
+    width = min(22.0, max(6.5, 2.5 + 0.11 * len(layers) * (n + 1)))
+    with style():
+        fig = new_figure(width, 4.2)
+        ax = fig.add_subplot()
+        values = [d for s in series.values() for d in s.values()]
+        positive = [v for v in values if v > 0]
+        log = bool(positive) and min(positive) < 0.1 * max(positive)
+        bar = 0.8 / n
+        for k, (label, dens) in enumerate(series.items()):
+            xs = [i - 0.4 + bar * (k + 0.5) for i in range(len(layers))]
+            ys = [dens.get(name, math.nan) for name in layers]
+            ax.bar(xs, ys, width=bar, color=colors[label], label=label)
+            if log:
+                for x, y in zip(xs, ys):
+                    if y == 0:  # a collapsed layer has no bar on a log axis: say so
+                        ax.annotate("0", (x, 0), xycoords=("data", "axes fraction"), ha="center",
+                                    va="bottom", fontsize=6, color=colors[label])
+        if log:
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(layers)), [name.removesuffix(".weight") for name in layers],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        ax.set_ylabel("density (fraction of weights kept)")
+        fig.suptitle(title)
+        fig.legend(loc="outside right upper", fontsize=7, frameon=False)
+    return fig
+
+
+def iou_heatmap(labels: Sequence[str], matrix: Sequence[Sequence[float]], title: str) -> Figure:
+    """Annotated heatmap of the IoU of kept weights between variants' masks."""
+    n = len(labels)
+    with style():
+        fig = new_figure(max(4.5, 2.5 + 0.8 * n), max(3.5, 1.8 + 0.6 * n))
+        ax = fig.add_subplot()
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.grid(False)
+        for i in range(n):
+            for j in range(n):
+                value = matrix[i][j]
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        fig.colorbar(image, ax=ax, label="IoU of kept weights")
+        ax.set_title(title)
+    return fig

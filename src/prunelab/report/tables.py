@@ -1,0 +1,289 @@
+"""From store records to report rows: filtering, variants, and per-(variant, sparsity) statistics.
+
+A *variant* is a set of runs whose resolved configs are identical except for
+the seed and the target sparsity; a *row* is one variant at one target
+sparsity, aggregated over its seeds. Only runs with status ``ok`` enter rows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prunelab.errors import UserError
+from prunelab.store import RunRecord
+
+# Fields of the index row (and of every summary), usable in ``where`` as they are.
+INDEX_FIELDS = ("run_id", "status", "method", "model", "dataset", "seed", "target_sparsity")
+# Short names accepted in ``where``; the config's own aliases (config.ALIASES) plus the index name.
+FILTER_ALIASES = {
+    "sparsity": "target_sparsity",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+}
+# Config paths that distinguish rows or seeds, never variants.
+NOT_VARIANT = ("seed", "prune.sparsity")
+
+
+def normalize(value: Any) -> str:
+    """A canonical string for comparing values: 0.9, "0.90" and "9e-1" all give "0.9"; 30 and "30.0" give "30"."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(normalize(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {normalize(v)}" for k, v in sorted(value.items())) + "}"
+    text = str(value).strip()
+    if text.lower() in ("none", "null"):
+        return "none"
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(number):
+        return text.lower()
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaves of a nested config as dotted paths: {"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _field_value(record: RunRecord, field: str, flat: Mapping[str, Any]) -> tuple[bool, Any]:
+    if field in INDEX_FIELDS:
+        return True, getattr(record, field)
+    return (True, flat[field]) if field in flat else (False, None)
+
+
+def filter_records(records: Iterable[RunRecord], where: Mapping[str, str] | None) -> list[RunRecord]:
+    """The records whose every ``where`` field equals its value (compared by :func:`normalize`).
+
+    Fields: the index fields (method, model, dataset, seed, target_sparsity, status,
+    run_id), dotted config paths (train.epochs, method.settings.schedule), and the
+    aliases sparsity, epochs, lr, batch_size. A record lacking a config path does
+    not match; a field that no record has is a :class:`UserError`.
+    """
+    records = list(records)
+    if not where:
+        return records
+    flats = [flatten(r.config) for r in records]
+    known = set(INDEX_FIELDS).union(*(f.keys() for f in flats)) if flats else set(INDEX_FIELDS)
+    wanted: list[tuple[str, str]] = []
+    for raw_field, value in where.items():
+        field = FILTER_ALIASES.get(raw_field, raw_field)
+        if records and field not in known:
+            choices = sorted(known | set(FILTER_ALIASES))
+            close = difflib.get_close_matches(raw_field, choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(
+                f"unknown report filter field {raw_field!r}{hint}; use method, model, dataset, seed, "
+                "sparsity, epochs or a dotted config path such as train.lr"
+            )
+        wanted.append((field, normalize(value)))
+    kept = []
+    for record, flat in zip(records, flats):
+        for field, value in wanted:
+            present, actual = _field_value(record, field, flat)
+            if not present or normalize(actual) != value:
+                break
+        else:
+            kept.append(record)
+    return kept
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); std is None for fewer than 2 values."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def dense_epochs(summary: Mapping[str, Any]) -> float | None:
+    """Training cost as epochs of dense training of the same model: train_flops / (dense FLOPs per epoch)."""
+    flops, dense, epochs = (summary.get(k) for k in ("train_flops", "dense_train_flops", "epochs"))
+    if not flops or not dense or not epochs:
+        return None
+    return flops * epochs / dense
+
+
+def _mean_of(values: Iterable[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant at one target sparsity, aggregated over its seeds (runs sorted by seed)."""
+
+    model: str
+    dataset: str
+    method: str
+    variant: tuple[tuple[str, str], ...]
+    label: str
+    target: float
+    runs: tuple[RunRecord, ...]
+
+    def _values(self, key: str) -> list[Any]:
+        return [r.summary.get(key) for r in self.runs if r.summary is not None]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def achieved(self) -> float | None:
+        return _mean_of(self._values("sparsity"))
+
+    @property
+    def test(self) -> tuple[float | None, float | None]:
+        """Final-epoch test accuracy (fraction): mean, sample std."""
+        return mean_std([v for v in self._values("test_acc") if v is not None])
+
+    @property
+    def selected(self) -> tuple[float | None, float | None]:
+        """Test accuracy of the validation-selected checkpoint: mean, sample std (over seeds that have one)."""
+        return mean_std([v for v in self._values("selected_test_acc") if v is not None])
+
+    @property
+    def n_selected(self) -> int:
+        return sum(v is not None for v in self._values("selected_test_acc"))
+
+    @property
+    def cost(self) -> float | None:
+        """Mean training cost in dense-epoch equivalents."""
+        return _mean_of(dense_epochs(r.summary) for r in self.runs if r.summary is not None)
+
+    @property
+    def epochs(self) -> float | None:
+        return _mean_of(self._values("epochs"))
+
+    @property
+    def flops(self) -> float | None:
+        return _mean_of(self._values("train_flops"))
+
+    @property
+    def wall(self) -> float | None:
+        return _mean_of(self._values("wall_s"))
+
+    @property
+    def reused(self) -> list[list[str]]:
+        """Per run (by seed), the ids of stored runs whose cost it includes."""
+        return [list(r.summary.get("reused_runs") or []) for r in self.runs if r.summary is not None]
+
+
+@dataclass(frozen=True)
+class Table:
+    """All rows of one (model, dataset), sorted by method (dense first), variant label, sparsity."""
+
+    model: str
+    dataset: str
+    rows: tuple[Row, ...]
+
+    @property
+    def labels(self) -> list[str]:
+        """Variant labels in row order, each once."""
+        return list(dict.fromkeys(r.label for r in self.rows))
+
+    def rows_of(self, label: str) -> list[Row]:
+        return [r for r in self.rows if r.label == label]
+
+    @property
+    def targets(self) -> list[float]:
+        return sorted({r.target for r in self.rows})
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key: dense first, then alphabetical (the report knows no method registry)."""
+    return (0 if method == "dense" else 1, method)
+
+
+def variant_key(record: RunRecord) -> tuple[tuple[str, str], ...]:
+    flat = flatten(record.config)
+    return tuple(sorted((k, normalize(v)) for k, v in flat.items() if k not in NOT_VARIANT))
+
+
+def _labels(keys: Sequence[tuple[tuple[str, str], ...]], method: str) -> dict[tuple, str]:
+    """Method name plus the config fields whose values differ between these variants of ``method``."""
+    dicts = [dict(k) for k in keys]
+    paths = sorted(set().union(*dicts)) if dicts else []
+    differing = [p for p in paths if len({d.get(p, "unset") for d in dicts}) > 1]
+    labels = {}
+    for key, d in zip(keys, dicts):
+        parts = [f"{p}={d.get(p, 'unset')}" for p in differing]
+        labels[key] = f"{method} ({', '.join(parts)})" if parts else method
+    return labels
+
+
+def build_tables(records: Iterable[RunRecord]) -> list[Table]:
+    """One :class:`Table` per (model, dataset) of the ``ok`` records that carry a summary."""
+    ok = [r for r in records if r.status == "ok" and r.summary is not None]
+    tables = []
+    for model, dataset in sorted({(r.model, r.dataset) for r in ok}):
+        mine = [r for r in ok if (r.model, r.dataset) == (model, dataset)]
+        groups: dict[tuple[str, tuple, float], list[RunRecord]] = {}
+        for r in mine:
+            groups.setdefault((r.method, variant_key(r), float(r.target_sparsity)), []).append(r)
+        labels: dict[tuple, str] = {}
+        for method in {m for m, _, _ in groups}:
+            keys = list(dict.fromkeys(k for m, k, _ in groups if m == method))
+            labels.update(_labels(keys, method))
+        rows = [
+            Row(model, dataset, method, key, labels[key], target, tuple(sorted(runs, key=lambda r: r.seed)))
+            for (method, key, target), runs in groups.items()
+        ]
+        rows.sort(key=lambda r: (method_rank(r.method), r.label, r.target))
+        tables.append(Table(model, dataset, tuple(rows)))
+    return tables
+
+
+def choose_sparsity(table: Table, wanted: float | None) -> float | None:
+    """The target sparsity for per-layer views: ``wanted`` if the table has it, else None;
+    by default the highest target that the most (non-dense) methods share."""
+    targets = [t for t in table.targets if t > 0]
+    if wanted is not None:
+        return next((t for t in targets if math.isclose(t, wanted, abs_tol=1e-9)), None)
+    if not targets:
+        return None
+    methods_at = {t: {r.method for r in table.rows if r.target == t and r.method != "dense"} for t in targets}
+    return max(targets, key=lambda t: (len(methods_at[t]), t))
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points on the front "best accuracy for at most this cost".
+
+    A point is on the front when every point at most as costly is strictly less
+    accurate (of exact duplicates the first is kept). Points with a NaN or None
+    coordinate are ignored. The indices come in increasing cost.
+    """
+    valid = [
+        i for i, (c, a) in enumerate(points)
+        if c is not None and a is not None and not math.isnan(c) and not math.isnan(a)
+    ]
+    front: list[int] = []
+    best = -math.inf
+    for i in sorted(valid, key=lambda i: (points[i][0], -points[i][1], i)):
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front

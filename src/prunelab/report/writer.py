@@ -1,0 +1,264 @@
+"""write_report: read the store, build the tables, figures and warnings, write Markdown and HTML."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from prunelab.errors import UserError
+from prunelab.report import plots
+from prunelab.report.document import Block, Bullets, Heading, Image, Para, TableBlock, to_html, to_markdown
+from prunelab.report.masks import iou_matrix, layer_densities, load_mask
+from prunelab.report.references import Reference, references_for
+from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records
+from prunelab.store import RunRecord, Store, atomic_write_bytes
+
+MIN_SEEDS = 3
+
+PROTOCOL = (
+    "Protocol: accuracies are on the test split, reported two ways: at the final epoch, and at the "
+    "checkpoint selected on the validation split (carved from the training set); the best test "
+    "accuracy over epochs is never reported. Means are over seeds and ± is the sample standard "
+    "deviation (ddof=1; n/a for one seed). Sparsity is measured from the weights, over prunable "
+    "tensors. Training cost counts all the training a run needed, reused runs such as the dense "
+    "pretraining included, in dense-epoch equivalents: training FLOPs divided by the FLOPs of one "
+    "epoch of dense training of the same model."
+)
+
+RESULT_HEADERS = (
+    "method / variant", "target sparsity", "achieved sparsity", "seeds", "final test acc. (%)",
+    "val-selected test acc. (%)", "cost (dense epochs)", "epochs", "train FLOPs", "wall (s)",
+    "reused runs",
+)
+
+
+def write_report(
+    store_root: Path,
+    out: Path,
+    where: Mapping[str, str] | None = None,
+    layer_sparsity: float | None = None,
+) -> list[Path]:
+    """Write ``report.md``, a self-contained ``report.html`` and every plot (PNG and SVG) into ``out``.
+
+    ``where`` keeps only matching runs (see :func:`~prunelab.report.filter_records`);
+    ``layer_sparsity`` is the target sparsity of the per-layer and mask-overlap views
+    (default: the highest one shared by the most methods). Returns the written paths.
+    """
+    store_root, out = Path(store_root), Path(out)
+    if not (store_root / "index.sqlite").exists():
+        raise UserError(f"there is no run store at {store_root} (no index.sqlite)")
+    records = filter_records(Store(store_root).records(), where)
+    if not records:
+        raise UserError(f"no run in the store at {store_root} matches {_where_text(where)}")
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records)
+    written: list[Path] = []
+    blocks: list[Block] = [Heading(1, "prunelab report"), Para(PROTOCOL), Para(_counts(store_root, records, where))]
+    for table in tables:
+        blocks += _table_section(table, store_root, out, layer_sparsity, written)
+    blocks += _warnings(records, tables)
+    atomic_write_bytes(out / "report.md", to_markdown(blocks).encode())
+    atomic_write_bytes(out / "report.html", to_html(blocks, "prunelab report").encode())
+    return [*written, out / "report.md", out / "report.html"]
+
+
+def _where_text(where: Mapping[str, str] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in where.items()) if where else "no filter"
+
+
+def _counts(store_root: Path, records: Sequence[RunRecord], where: Mapping[str, str] | None) -> str:
+    by_status: dict[str, int] = {}
+    for r in records:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    return f"Store: `{store_root}`. Filter: {_where_text(where)}. Runs: {counts}."
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f} ± " + (f"{100 * std:.2f}" if std is not None else "n/a")
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _epochs(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _reused(row: Row) -> str:
+    counts = sorted({len(ids) for ids in row.reused})
+    return "n/a" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def result_rows(table: Table) -> list[tuple[str, ...]]:
+    """The cells of the results table, one tuple per row of ``table``."""
+    cells = []
+    for row in table.rows:
+        selected = _pm(*row.selected)
+        if 0 < row.n_selected < len(row.runs):
+            selected += f" ({row.n_selected} seeds)"
+        achieved = row.achieved
+        cells.append((
+            row.label, plots.pct(row.target), "n/a" if achieved is None else f"{100 * achieved:.2f}%",
+            str(len(row.runs)), _pm(*row.test), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
+            _num(row.flops, ".2e"), _num(row.wall, ".1f"), _reused(row),
+        ))
+    return cells
+
+
+# ---------------------------------------------------------------- one (model, dataset)
+
+
+def _slug(table: Table) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{table.model}_{table.dataset}")
+
+
+def _table_section(
+    table: Table, store_root: Path, out: Path, layer_sparsity: float | None, written: list[Path]
+) -> list[Block]:
+    slug, colors = _slug(table), plots.colors_for(table.labels)
+    refs = references_for(table.model, table.dataset)
+    blocks: list[Block] = [Heading(2, f"{table.model} on {table.dataset}"), Heading(3, "Results"),
+                           TableBlock(RESULT_HEADERS, tuple(result_rows(table)))]
+
+    blocks.append(Heading(3, "Accuracy vs sparsity"))
+    written += plots.save(plots.accuracy_vs_density(table, refs, colors), out, f"{slug}_accuracy_vs_sparsity")
+    caption = ("Final-epoch test accuracy (mean ± sample std over seeds) against sparsity; "
+               "dense as a line with a ± std band")
+    if refs:
+        caption += "; published numbers as black markers"
+    blocks.append(Image(out, f"{slug}_accuracy_vs_sparsity", caption))
+    blocks += _references(table, refs)
+
+    blocks.append(Heading(3, "Accuracy vs training cost"))
+    written += plots.save(plots.accuracy_vs_cost(table, colors), out, f"{slug}_accuracy_vs_cost")
+    blocks.append(Image(out, f"{slug}_accuracy_vs_cost",
+                        "Final-epoch test accuracy against training cost (dense-epoch equivalents, log), "
+                        "one panel per target sparsity; the step line is the Pareto front "
+                        "(best accuracy for at most that cost), its points circled"))
+
+    blocks += _mask_sections(table, store_root, out, layer_sparsity, colors, written)
+    blocks += [Heading(3, "Runs"), TableBlock(
+        ("method / variant", "target sparsity", "seed: run id", "reused runs (ids)"),
+        tuple((row.label, plots.pct(row.target), ", ".join(f"{r.seed}: {r.run_id}" for r in row.runs),
+               ", ".join(sorted({i for ids in row.reused for i in ids})) or "none")
+              for row in table.rows))]
+    return blocks
+
+
+def _references(table: Table, refs: Sequence[Reference]) -> list[Block]:
+    if not refs:
+        if table.dataset == "fashion-mnist":
+            return [Para("No published pruning table for Fashion-MNIST is known, so no published numbers "
+                         "are overlaid: the methods are compared side by side on the same harness.")]
+        return [Para(f"No published numbers for {table.model} on {table.dataset} are in the reference "
+                     "table shipped with prunelab (`prunelab.report.references`).")]
+    return [
+        Para("Published numbers overlaid (other code, budgets and protocols: read the caveats before "
+             "comparing):"),
+        TableBlock(("source", "sparsity", "top-1 (%)", "training", "caveat"), tuple(
+            (r.source, plots.pct(r.sparsity), f"{r.top1:.2f}" + (f" ± {r.std:.2f}" if r.std is not None else ""),
+             r.training, r.caveat) for r in refs)),
+    ]
+
+
+def _mask_sections(
+    table: Table, store_root: Path, out: Path, wanted: float | None,
+    colors: Mapping[str, tuple[float, ...]], written: list[Path],
+) -> list[Block]:
+    sparsity = choose_sparsity(table, wanted)
+    if sparsity is None:
+        targets = ", ".join(plots.pct(t) for t in table.targets if t > 0) or "none"
+        why = (f"no runs at sparsity {plots.pct(wanted)} (pruned targets here: {targets})"
+               if wanted is not None else "no pruned runs")
+        return [Heading(3, "Per-layer density and mask overlap"), Para(f"Not drawn: {why}.")]
+    at = plots.pct(sparsity)
+    rows = [r for r in table.rows if r.target == sparsity and r.method != "dense"]
+    masks: dict[str, dict] = {}
+    missing = []
+    for row in rows:
+        run = row.runs[0]  # the lowest seed
+        mask = load_mask(store_root / run.run_id)
+        if mask is None:
+            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed})")
+        else:
+            masks[row.label] = mask
+    blocks: list[Block] = [Heading(3, f"Per-layer density at sparsity {at}"),
+                           Para(f"Masks of the lowest seed of each variant at target sparsity {at}.")]
+    if missing:
+        blocks.append(Para("No mask.pt for: " + ", ".join(missing) + "."))
+    if not masks:
+        return blocks
+    series = {label: layer_densities(m) for label, m in masks.items()}
+    layers = list(dict.fromkeys(name for m in masks.values() for name in m))
+    stem = f"{_slug(table)}_layer_density"
+    written += plots.save(plots.layer_density(layers, series, colors, f"{table.model} on {table.dataset}: "
+                                              f"per-layer density at sparsity {at}"), out, stem)
+    blocks.append(Image(out, stem, f"Fraction of weights each variant keeps per layer at sparsity {at}"))
+    sizes = {name: m[name].numel() for m in masks.values() for name in m}
+    blocks.append(TableBlock(("layer", "weights", *series), tuple(
+        (name, str(sizes[name]), *(_num(s.get(name), ".4f") for s in series.values())) for name in layers)))
+
+    blocks.append(Heading(3, f"Mask overlap (IoU) at sparsity {at}"))
+    labels = list(masks)
+    if len(labels) < 2:
+        return blocks + [Para("Only one variant has a mask at this sparsity: nothing to compare.")]
+    matrix = iou_matrix([masks[label] for label in labels])
+    stem = f"{_slug(table)}_mask_iou"
+    written += plots.save(plots.iou_heatmap(labels, matrix, f"IoU of kept weights at sparsity {at}"), out, stem)
+    blocks.append(Image(out, stem, f"Intersection over union of kept weights between variants at sparsity {at} "
+                                   "(lowest seed of each); 1 = the same mask, 0 = disjoint"))
+    blocks.append(TableBlock(("", *labels), tuple(
+        (label, *(f"{v:.3f}" for v in matrix[i])) for i, label in enumerate(labels))))
+    return blocks
+
+
+# ---------------------------------------------------------------- warnings
+
+
+def _who(r: RunRecord) -> str:
+    return f"`{r.run_id}` ({r.method}, {r.model}/{r.dataset}, sparsity {plots.pct(r.target_sparsity)}, seed {r.seed})"
+
+
+def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict[str, list[str]]:
+    """Warning lines by kind: collapse, few seeds, missed target, failed, unfinished."""
+    ok = [r for r in records if r.status == "ok" and r.summary is not None]
+    found: dict[str, list[str]] = {
+        "Layer collapse": [f"{_who(r)}: every weight pruned in {', '.join(r.summary['collapsed_layers'])} "
+                           "(the network is disconnected)"
+                           for r in ok if r.summary.get("collapsed_layers")],
+        f"Fewer than {MIN_SEEDS} seeds": [
+            f"{t.model}/{t.dataset} {row.label} at sparsity {plots.pct(row.target)}: {len(row.runs)} seed(s) "
+            f"({', '.join(map(str, row.seeds))})"
+            for t in tables for row in t.rows if len(row.runs) < MIN_SEEDS],
+        "Target sparsity missed": [
+            f"{_who(r)}: achieved {100 * r.summary['sparsity']:.4f}% < target {plots.pct(r.target_sparsity)}"
+            for r in ok if r.method != "dense" and r.summary.get("sparsity") is not None
+            and r.summary["sparsity"] < r.target_sparsity - 1e-6],
+        "Failed runs": [f"{_who(r)}: {r.error or 'no error recorded'}" for r in records if r.status == "failed"],
+        "Unfinished runs": [
+            f"{_who(r)}: " + ("still running (or killed before it could be marked)" if r.status == "running"
+                              else r.status + (f": {r.error}" if r.error else ""))
+            for r in records if r.status not in ("ok", "failed")]
+            + [f"{_who(r)}: marked ok but has no summary" for r in records if r.status == "ok" and r.summary is None],
+    }
+    return {kind: lines for kind, lines in found.items() if lines}
+
+
+def _warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> list[Block]:
+    found = find_warnings(records, tables)
+    blocks: list[Block] = [Heading(2, "Warnings")]
+    if not found:
+        return blocks + [Para("No warnings.")]
+    for kind, lines in found.items():
+        blocks += [Heading(3, f"{kind} ({len(lines)})"), Bullets(tuple(lines))]
+    return blocks
