@@ -69,13 +69,13 @@ def register_method(
     name: str,
     settings: type,
     summary: str,
-    resolve: Callable[[RunConfig], RunConfig] = _identity,
+    resolve: Callable[[RunConfig], RunConfig] | None = None,
     plan: Callable[[RunConfig], Plan] = one_cycle,
 ) -> Callable[[Callable[[Context, Any], None]], Callable[[Context, Any], None]]:
     """Decorator registering a method program under ``name`` with its settings class."""
 
     def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
-        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve, plan))
+        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve or _identity, plan))
         return run
 
     return decorate

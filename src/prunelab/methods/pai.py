@@ -12,6 +12,7 @@ magnitude at initialisation is ``--method cyclic --set method.score=magnitude
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,25 +39,25 @@ class SynflowSettings:
     iterations: int = field(default=100, metadata={"help": "pruning iterations, density d^(k/n)"})
 
 
-def _allocation(name: str, unless: tuple[str, ...]) -> RunConfig:
+def _allocation(name: str, unless: tuple[str, ...]) -> Callable[[RunConfig], RunConfig]:
+    """A resolver setting ``prune.allocation`` to ``name`` unless it is one of ``unless``."""
     def resolve(cfg: RunConfig) -> RunConfig:
         if cfg.prune.allocation in unless:
             return cfg
         return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, allocation=name))
 
-    return resolve  # type: ignore[return-value]
+    return resolve
 
 
-def _register(name: str, score: str, settings: type, summary: str, resolve=None) -> None:  # noqa: ANN001
+def _register(
+    name: str, score: str, settings: type, summary: str, resolve: Callable[[RunConfig], RunConfig] | None = None
+) -> None:
     def run(ctx: Context, s: object) -> None:
         prune_by(ctx, score, ctx.target_density, s)
         ctx.train_cycle("train")
 
     run.__doc__ = f"Prune at initialisation by {score}, then train one cycle."
-    if resolve is None:
-        register_method(name, settings, summary)(run)
-    else:
-        register_method(name, settings, summary, resolve)(run)
+    register_method(name, settings, summary, resolve)(run)
 
 
 _register("random", "random", NoSettings, "random mask at init (uniform per layer), then one cycle",
