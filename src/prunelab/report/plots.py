@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,25 @@ def _acc(row: Row) -> tuple[float, float] | None:
     return 100 * mean, 100 * (std or 0.0)
 
 
+OUTLIER_POINTS = 15.0  # means this far below the best are drawn at the bottom edge, labelled
+
+
+def _mark_outliers(ax: Any, points: Sequence[tuple[float, float, float, str]]) -> None:
+    """Keep the axis on the methods that work: a collapsed run (10% accuracy) would squash the rest."""
+    if not points:
+        return
+    floor = max(y for _, y, _, _ in points) - OUTLIER_POINTS
+    low = [(x, y, label) for x, y, _, label in points if y < floor]
+    if not low:
+        return
+    top = max(y + e for _, y, e, _ in points if y >= floor)
+    ax.set_ylim(floor - 0.5, top + 0.5)
+    for k, (x, y, label) in enumerate(low):
+        ax.plot([x], [floor], marker="v", color="black", ms=6, clip_on=False)
+        ax.annotate(f"{label}: {y:.1f}% (off scale)", (x, floor), xytext=(4, 6 + 10 * (k % 3)),
+                    textcoords="offset points", fontsize=7)
+
+
 def accuracy_vs_density(
     table: Table, references: Sequence[Reference], colors: Mapping[str, tuple[float, ...]]
 ) -> Figure:
@@ -86,6 +106,7 @@ def accuracy_vs_density(
         fig = new_figure(9.0, 4.8)
         ax = fig.add_subplot()
         densities = [1.0]
+        points: list[tuple[float, float, float, str]] = []  # (x, mean, std, label) of every plotted mean
         for label in table.labels:
             rows = [r for r in table.rows_of(label) if _acc(r) is not None]
             if not rows:
@@ -100,6 +121,7 @@ def accuracy_vs_density(
             xs = [1.0 - r.target for r in rows]
             densities += xs
             ys, es = zip(*(_acc(r) for r in rows))  # type: ignore[misc]
+            points += [(x, y, e, label) for x, y, e in zip(xs, ys, es)]
             ax.errorbar(xs, ys, yerr=es, color=color, marker="o", ms=4, capsize=3, lw=1.2, label=label)
         for k, source in enumerate(dict.fromkeys(r.source for r in references)):
             refs = [r for r in references if r.source == source]
@@ -110,6 +132,7 @@ def accuracy_vs_density(
                 marker=REFERENCE_MARKERS[k % len(REFERENCE_MARKERS)], ms=8, mfc="none",
                 color="black", capsize=2, label=f"published: {source}",
             )
+        _mark_outliers(ax, points)
         ax.set_xlim(1.25, min(densities) * 0.8)  # inverted: dense on the left; before the log scale,
         ax.set_xscale("log")  # so that a single x never autoscales to a singular range
         ticks = sorted({1.0 - t for t in table.targets} | {1.0})
