@@ -7,5 +7,8 @@ exit; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A problem with the user's input (names, values, files), told in one sentence."""
+class UserError(ValueError):
+    """A problem with the user's input (names, values, files), told in one sentence.
+
+    A ``ValueError``, so library callers can catch it as the usual bad-argument error.
+    """

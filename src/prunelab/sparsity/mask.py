@@ -2,40 +2,63 @@
 
 A mask set is a plain ``dict`` from parameter name to a boolean tensor of the
 parameter's shape (True = the weight is kept). Prunable tensors are the
-``weight`` of every Conv and Linear layer, minus name patterns the user excludes.
+``weight`` of every Conv and Linear layer and the input projections of
+``nn.MultiheadAttention``, minus name patterns the user excludes; embedding
+tables only when asked for.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 Masks = dict[str, torch.Tensor]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """The weights of every Conv and Linear layer, keyed by parameter name.
+def prunable_parameters(
+    model: nn.Module, exclude: Sequence[str] = (), embeddings: bool = False
+) -> dict[str, nn.Parameter]:
+    """The prunable weights of ``model``, keyed by parameter name, in model order.
 
+    These are the ``weight`` of every Conv and Linear layer (attention output
+    projections included) and the packed or separate q/k/v input projections of
+    every ``nn.MultiheadAttention``. Embedding tables are left out unless
+    ``embeddings`` is true, also when a Linear layer shares (ties) its weight
+    with one: pruning a vocabulary row removes a token, not a connection.
     ``exclude`` holds fnmatch patterns matched against the parameter name
     (``"fc3.*"``) or the module name (``"fc3"``). A weight shared by several
     modules appears once, under its first name.
     """
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     params: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
+    seen: set[int] = set() if embeddings else set(tables)
     for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) or module.weight is None:
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        if id(module.weight) in seen or _excluded(name, module_name, exclude):
-            continue
-        seen.add(id(module.weight))
-        params[name] = module.weight
+        for attr in _weight_names(module, embeddings):
+            weight = getattr(module, attr)
+            name = f"{module_name}.{attr}" if module_name else attr
+            if weight is None or id(weight) in seen or _excluded(name, module_name, exclude):
+                continue
+            seen.add(id(weight))
+            params[name] = weight
     return params
+
+
+def _weight_names(module: nn.Module, embeddings: bool) -> tuple[str, ...]:
+    """Attribute names of the prunable weights a module owns directly."""
+    if isinstance(module, PRUNABLE_TYPES) or (embeddings and isinstance(module, nn.Embedding)):
+        return ("weight",)
+    if isinstance(module, nn.MultiheadAttention):
+        # One packed q/k/v matrix, or three when key/value sizes differ from the embedding size.
+        return ("in_proj_weight",) if module.in_proj_weight is not None else (
+            "q_proj_weight", "k_proj_weight", "v_proj_weight")  # fmt: skip
+    return ()
 
 
 def _excluded(name: str, module_name: str, patterns: Iterable[str]) -> bool:
@@ -132,6 +155,21 @@ class Masker:
         if pairs:
             grads, factors = zip(*pairs)
             torch._foreach_mul_(list(grads), list(factors))
+
+    def register_grad_hooks(self) -> list[RemovableHandle]:
+        """Zero pruned gradients as soon as backward has accumulated them, one weight at a time.
+
+        For training loops prunelab does not run: the masking then needs no
+        call before ``optimizer.step()``, and gradient clipping already sees
+        the masked gradients. Remove the returned handles to detach.
+        """
+        params = enumerate(self._params_list)
+        return [p.register_post_accumulate_grad_hook(partial(self._mask_grad, i)) for i, p in params]
+
+    @torch.no_grad()
+    def _mask_grad(self, index: int, param: torch.Tensor) -> None:
+        if not self.dense and param.grad is not None:
+            param.grad.mul_(self._factors[index])
 
     @torch.no_grad()
     def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
