@@ -325,9 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"prunelab: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("prunelab: interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a RunInterrupted says which checkpoint is kept
+        message = str(exc) or "interrupted; run the same command again to resume from the last checkpoint"
+        print(f"prunelab: {message}", file=sys.stderr)
         return 130
 
 

@@ -59,6 +59,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; says where the run can resume from."""
+
+    def __init__(self, run_id: str, folder: RunFolder) -> None:
+        latest = folder.checkpoints()
+        where = (
+            f"its checkpoint {latest[-1].name} is kept; run the same command again to resume from it"
+            if latest else "it had no checkpoint yet; run the same command again to start it over"
+        )
+        super().__init__(f"run {run_id} interrupted; {where}")
+
+
+def _stored(store: Store, rid: str) -> dict[str, Any] | None:
+    """The summary of a finished run, if the store has one."""
+    record = store.get(rid)
+    return record.summary if record is not None and record.status == "ok" else None
+
+
 def headline(cfg: RunConfig) -> dict[str, Any]:
     """The fields every summary and index row carries."""
     return {
@@ -78,23 +96,28 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
     """
     store = Store(runtime.store)
     rid = run_id(cfg)
-    record = store.get(rid)
-    if record is not None and record.status == "ok" and record.summary is not None:
-        return record.summary, True
-    folder = store.begin(rid, to_dict(cfg), headline(cfg))
-    try:
-        summary = _execute(cfg, rid, folder, runtime, data)
-    except KeyboardInterrupt:
-        store.mark(rid, "interrupted", "interrupted by the user")
-        raise
-    except UserError as exc:
-        store.mark(rid, "failed", str(exc))
-        raise
-    except Exception as exc:
-        store.mark(rid, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    store.finish(rid, summary)
-    folder.drop_checkpoint()
+    cached = _stored(store, rid)
+    if cached is not None:
+        return cached, True
+    # One process trains a run; another asking for it waits, then reads the result.
+    with store.lock(rid):
+        cached = _stored(store, rid)
+        if cached is not None:
+            return cached, True
+        folder = store.begin(rid, to_dict(cfg), headline(cfg))
+        try:
+            summary = _execute(cfg, rid, folder, runtime, data)
+            store.finish(rid, summary)
+        except KeyboardInterrupt:
+            store.mark(rid, "interrupted", "interrupted by the user")
+            raise RunInterrupted(rid, folder) from None
+        except UserError as exc:
+            store.mark(rid, "failed", str(exc))
+            raise
+        except Exception as exc:
+            store.mark(rid, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        folder.drop_checkpoint()
     return summary, False
 
 

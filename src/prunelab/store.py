@@ -8,20 +8,29 @@ Layout under the store root::
     <run_id>/weights.pt        final weights (state_dict), loadable with weights_only=True
     <run_id>/mask.pt           final masks {name: bool tensor}
     <run_id>/summary.json      what `prunelab show` prints
-    <run_id>/checkpoint.pt     the last epoch's checkpoint (removed when the run finishes)
+    <run_id>/checkpoint-NNNNNN.pt  the last two epochs' checkpoints (removed when the run finishes)
+    <run_id>/.lock             held (flock) by the process training the run
 
 Every file is written to a temporary name, flushed to disk and renamed, so a
-crash leaves either the old file or the new one, never half of one.
+crash leaves either the old file or the new one, never half of one. A
+checkpoint also carries the sha256 of its contents: one that fails the check
+is set aside (renamed ``*.damaged``) and the run resumes from the one before.
+The run lock is an advisory ``flock``: the kernel releases it when its holder
+dies, so a killed process never leaves a stale lock behind.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import io
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +39,10 @@ from typing import Any
 import torch
 
 from prunelab.errors import UserError
+from prunelab.faults import fault_point
+
+CHECKPOINT_MAGIC = b"PRUNELAB-CHECKPOINT-1\n"
+KEEP_CHECKPOINTS = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,17 +62,33 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename.
+
+    A failed write (a full disk, a read-only folder) removes the temporary
+    file, leaves any previous ``path`` as it was, and raises a one-sentence
+    :class:`UserError`. ``fault`` names the fault point half-way through the
+    write (see :mod:`prunelab.faults`).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; results are meant to be shared
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            if fault is not None:
+                fault_point(fault)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror}; files written before are intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -67,11 +96,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     """``torch.save`` to ``path`` atomically."""
-    import io
+    atomic_write_bytes(path, _torch_bytes(obj))
 
+
+def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def safe_torch_load(path: Path) -> Any:
@@ -130,16 +161,62 @@ class RunFolder:
         return [latest[k] for k in sorted(latest)]
 
     def save(self, state: dict[str, Any]) -> None:
-        """Checkpointer: keep the latest state."""
-        atomic_torch_save(self.path / "checkpoint.pt", state)
+        """Checkpointer: write the state with its checksum, keep it and the one before."""
+        payload = _torch_bytes(state)
+        sequence = max((_sequence(p) for p in self.checkpoints()), default=0) + 1
+        data = CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload
+        atomic_write_bytes(self.path / f"checkpoint-{sequence:06d}.pt", data, fault="checkpoint")
+        for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
 
     def load(self) -> dict[str, Any] | None:
-        """Checkpointer: the latest state, if any."""
-        path = self.path / "checkpoint.pt"
-        return safe_torch_load(path) if path.exists() else None
+        """Checkpointer: the newest checkpoint that passes its checksum, if any.
+
+        A damaged one is reported in one sentence, renamed ``*.damaged`` (kept
+        for inspection) and the one before it is tried.
+        """
+        for path in reversed(self.checkpoints()):
+            try:
+                return load_checkpoint(path)
+            except UserError as exc:
+                path.replace(path.with_name(path.name + ".damaged"))
+                self.notify(f"{exc}; resuming from the checkpoint before it")
+        return None
+
+    def checkpoints(self) -> list[Path]:
+        """This run's checkpoint files, oldest first."""
+        return sorted(self.path.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9].pt"))
 
     def drop_checkpoint(self) -> None:
-        (self.path / "checkpoint.pt").unlink(missing_ok=True)
+        for path in self.checkpoints():
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def notify(message: str) -> None:
+        """Tell the user about something the run recovered from (one line on stderr)."""
+        print(f"prunelab: {message}", file=sys.stderr, flush=True)
+
+
+def _sequence(path: Path) -> int:
+    return int(path.stem.rpartition("-")[2])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's state after checking its format and sha256; never executes code.
+
+    Raises a one-sentence :class:`UserError` for a truncated, corrupted or foreign file.
+    """
+    data = path.read_bytes()
+    head = len(CHECKPOINT_MAGIC)
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < head + 32:
+        raise UserError(f"checkpoint {path} is not a prunelab checkpoint or is truncated")
+    digest, payload = data[head : head + 32], data[head + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise UserError(f"checkpoint {path} is damaged (its checksum does not match)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (a checksummed file that torch refuses is not ours)
+        raise UserError(f"checkpoint {path} holds something other than tensors ({type(exc).__name__})") from None
 
 
 class Store:
@@ -165,8 +242,8 @@ class Store:
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
-        except sqlite3.DatabaseError as exc:
-            raise UserError(f"the run index {self.index} is unusable: {exc}") from None
+        except (sqlite3.DatabaseError, OSError) as exc:  # corrupted, locked too long, disk full
+            raise UserError(f"cannot use the run index {self.index}: {exc}") from None
         finally:
             db.close()
 
@@ -215,10 +292,37 @@ class Store:
     def finish(self, run_id: str, summary: dict[str, Any]) -> None:
         self.folder(run_id).write_json("summary.json", summary)
         with self._connect() as db:
+            fault_point("store")
             db.execute(
                 "UPDATE runs SET status=?, summary=?, error=NULL, updated=? WHERE run_id=?",
                 (summary["status"], json.dumps(summary, sort_keys=True), time.time(), run_id),
             )
+
+    @contextmanager
+    def lock(self, run_id: str, on_wait: Callable[[str], None] = RunFolder.notify) -> Iterator[None]:
+        """Hold the run's lock for the block, waiting (and saying so) while another process holds it.
+
+        An advisory ``flock`` on ``<run_id>/.lock``: released by the kernel when
+        the holder exits or dies, so there is no stale lock to clean up.
+        """
+        path = self.root / run_id / ".lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create the run lock {path}: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                on_wait(f"run {run_id} is being trained by another process (pid {holder}); waiting for it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         """Set a run's status (``failed``, ``interrupted``) with an optional error message."""

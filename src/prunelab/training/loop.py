@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunelab.data import Augment, DataSplits, eval_batches, num_batches, train_batches
+from prunelab.faults import fault_point
 from prunelab.sparsity.mask import Masker, Masks, layer_densities
 from prunelab.training.cost import dense_train_step_flops, train_step_flops
 from prunelab.training.optim import OptimSettings, build_optimizer, lr_at, set_lr
@@ -175,6 +176,7 @@ class Trainer:
         """Install new masks: pruned weights and their optimizer state become 0, FLOPs are recounted."""
         self.masker.set_masks(masks, self.optimizer)
         self._refresh_step_flops()
+        fault_point("mask")
 
     def _refresh_step_flops(self) -> None:
         self._step_flops = train_step_flops(self.layer_flops, layer_densities(self.masker.masks), 1)
@@ -253,6 +255,7 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for i, (x, y) in enumerate(bar):
+            fault_point("step")
             step = epoch * steps_per_epoch + i
             if hook is not None:
                 hook.before_step(step, self)
