@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 from prunelab.errors import UserError
 
 FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size")
+# prunelab.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
+EXPORT_FORMATS = ("dense", "sparse", "onnx")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +95,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the stored result of one run")
     show.add_argument("run_id", help="run id (a unique prefix is enough)")
     _add_runtime(show)
+
+    exp = sub.add_parser("export", help="write a finished run's weights as dense, sparse safetensors or ONNX")
+    exp.add_argument("run_id", help="run id (a unique prefix is enough)")
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt",
+                     help="dense: torch state_dict; sparse: sparse safetensors; onnx: ONNX, checked with onnxruntime")
+    exp.add_argument("--out", type=Path, required=True, help="file to write (parent folders are created)")
+    exp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_runtime(exp)
     return parser
 
 
@@ -261,6 +271,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunelab.export import export_run
+
+    result = export_run(_store_dir(args.store), args.run_id, args.fmt, args.out, args.force)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    line = f"wrote run {result['run_id']} as {result['format']} to {result['path']} ({result['bytes']} bytes"
+    if result["format"] == "sparse":
+        line += f", {result['bytes'] / result['tensor_bytes']:.1%} of the dense tensors"
+    line += ")"
+    if "max_abs_diff" in result:
+        line += (f"; max abs difference vs PyTorch: {result['max_abs_diff']:.3g} "
+                 f"(onnxruntime, {result['check_examples']} random inputs)")
+    print(line)
+    return 0
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -313,7 +341,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "show": cmd_show,
-            "fetch": cmd_fetch}
+            "fetch": cmd_fetch, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

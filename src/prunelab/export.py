@@ -1,0 +1,139 @@
+"""Exporting a pruned network: a plain dense state_dict, the sparse safetensors format, or ONNX.
+
+:func:`export_run` does it for a finished run of the store: it rebuilds the
+run's model from the registry, loads its stored weights and writes the chosen
+format. The ONNX export is checked at once by running onnxruntime on a fixed
+batch and comparing with PyTorch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunelab.data import DATASETS
+from prunelab.errors import UserError
+from prunelab.models import build_model
+from prunelab.sparse_format import plain_state_dict, save_sparse
+from prunelab.store import Store, atomic_torch_save, atomic_write_bytes, safe_torch_load
+
+FORMATS = ("dense", "sparse", "onnx")
+ONNX_OPSET = 17
+CHECK_EXAMPLES = 8  # size of the batch an ONNX export is checked on
+CHECK_SEED = 0
+
+
+def save_dense(model_or_state: nn.Module | Mapping[str, Tensor], path: Path) -> None:
+    """Write a plain state_dict (CPU, contiguous, masks baked in) with ``torch.save``, atomically.
+
+    It loads with ``torch.load(path, weights_only=True)`` into the model built
+    from the registry alone: no mask entries, no ``weight_orig`` / ``weight_mask``.
+    """
+    atomic_torch_save(Path(path), plain_state_dict(model_or_state))
+
+
+def _onnxruntime() -> Any:
+    """The onnxruntime module, or one sentence saying how to install the ONNX extra."""
+    try:
+        import onnx  # noqa: F401 (torch's exporter needs it; checked here to fail early and clearly)
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX export needs the onnx and onnxruntime packages; "
+                        "install them with pip install 'prunelab[onnx]'") from None
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` with a dynamic batch axis.
+
+    Runs the exported graph with onnxruntime on ``example`` and returns the
+    largest absolute difference from PyTorch's output. The model's
+    training/eval mode is restored afterwards.
+    """
+    ort = _onnxruntime()
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad():
+            expected = model(example).cpu().numpy()
+            # The TorchScript exporter (dynamo=False) needs neither onnxscript nor
+            # torch.export tracing and exports every model of the zoo; its deprecation
+            # warning would only be noise to the user of an export command.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                    input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                )
+    finally:
+        model.train(was_training)
+    graph = buffer.getvalue()
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input": example.detach().cpu().numpy()})
+    atomic_write_bytes(Path(path), graph)
+    return float(np.abs(got - expected).max()) if expected.size else 0.0
+
+
+def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force: bool = False) -> dict[str, Any]:
+    """Write the weights of a finished run as ``fmt`` (dense, sparse or onnx) to ``out``.
+
+    ``run_id_prefix`` is a unique prefix of the run's id. An existing ``out``
+    is kept unless ``force``; missing parent folders are created. Returns a
+    summary: run_id, format, path, bytes, model, dataset, sparsity,
+    tensor_bytes (the dense tensors' size) and, for onnx, max_abs_diff on
+    :data:`CHECK_EXAMPLES` seeded random inputs.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    store = Store(Path(store_root))
+    rid = store.resolve_id(run_id_prefix)
+    record = store.get(rid)
+    assert record is not None
+    if record.status != "ok" or record.summary is None:
+        why = f"failed ({record.error})" if record.status == "failed" else f"is not finished (status {record.status})"
+        raise UserError(f"run {rid} {why}, so it has no final weights to export")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; give --out a file name")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    spec = DATASETS.get(record.dataset)
+    model = build_model(record.model, spec.channels, spec.image_size, spec.num_classes)
+    weights_path = store.folder(rid).path / "weights.pt"
+    if not weights_path.exists():
+        raise UserError(f"run {rid} has no weights file {weights_path}")
+    weights = safe_torch_load(weights_path)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{weights_path} does not fit model {record.model}; the run folder is damaged") from None
+    model.eval()
+    result: dict[str, Any] = {
+        "run_id": rid, "format": fmt, "path": str(out), "model": record.model, "dataset": record.dataset,
+        "method": record.method, "sparsity": record.summary.get("sparsity"),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+    }
+    if fmt == "dense":
+        save_dense(model, out)
+    elif fmt == "sparse":
+        meta = {"run_id": rid, "model": record.model, "dataset": record.dataset, "method": record.method,
+                "sparsity": str(record.summary.get("sparsity")),
+                "weights_sha256": str(record.summary.get("weights_sha256"))}
+        save_sparse(model, out, meta)
+    else:
+        generator = torch.Generator().manual_seed(CHECK_SEED)
+        # Normalized images are roughly standard normal, so Gaussian inputs exercise the same range.
+        example = torch.randn(CHECK_EXAMPLES, spec.channels, spec.image_size, spec.image_size, generator=generator)
+        result["max_abs_diff"] = export_onnx(model, example, out)
+        result["check_examples"] = CHECK_EXAMPLES
+    result["bytes"] = out.stat().st_size
+    return result
