@@ -6,6 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
+
+import prunelab
 
 from prunelab.data.idx import write_idx
 
@@ -51,6 +55,18 @@ def write_tiny_fashion_mnist(
     ):
         write_idx(folder / f"{name}.gz", array, gzip=True)
     return Path(root)
+
+
+def prune_(model: nn.Module, density: float, scheme: str = "global") -> nn.Module:
+    """Magnitude-prune ``model`` in place to keep ``density`` of its weights (zeros baked in)."""
+    prunelab.prune(model, 1.0 - density, scope=scheme)
+    return model
+
+
+def max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference between ``a`` (put in eval mode) and ``b`` on ``x``."""
+    with torch.no_grad():
+        return float((a.eval()(x) - b(x)).abs().max())
 
 
 @pytest.fixture
