@@ -1,11 +1,15 @@
 """prunelab: find sparse neural networks cheaply and compare pruning strategies fairly.
 
 The library API for your own models and loops (the CLI is ``prunelab``):
-:func:`prune`, :class:`ProgressivePruner`.
+:func:`prune` and :class:`ProgressivePruner` to prune; :func:`save_sparse` and
+:func:`load_sparse` to store a pruned model compactly; :func:`sparse_inference`
+to run it faster on CPU.
 """
 
+from prunelab.inference import sparse_inference
 from prunelab.pruner import ProgressivePruner, prune
+from prunelab.sparse_format import load_sparse, save_sparse
 
-__all__ = ["ProgressivePruner", "prune"]
+__all__ = ["ProgressivePruner", "load_sparse", "prune", "save_sparse", "sparse_inference"]
 
 __version__ = "0.1.0"

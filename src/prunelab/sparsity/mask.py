@@ -142,9 +142,12 @@ class Masker:
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        """Multiply every masked weight by its mask (pruned weights become exactly 0)."""
+        """Multiply every masked weight by its mask (pruned weights become exactly +0.0)."""
         if not self.dense:
             torch._foreach_mul_(self._params_list, self._factors)
+            # A negative weight times 0 is -0.0; adding +0.0 turns it into +0.0 (and changes
+            # nothing else), so a stored zero is one bit pattern and sparse exports stay small.
+            torch._foreach_add_(self._params_list, 0.0)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
