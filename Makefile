@@ -45,6 +45,7 @@ study: data
 
 bench: data
 	$(PY) benchmarks/masking_overhead.py
+	$(PY) benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
