@@ -13,9 +13,9 @@ how to rebuild each tensor of a state dict:
   that holds them) and ``NAME::values``.
 
 "Zero" means all bits zero, except that a floating-point -0.0 is a zero too:
-pruning by multiplication leaves -0.0 wherever a weight was negative (a quarter
-of the zeros of a typical run), and counting those as nonzero would make the
-format useless on real runs. Their signs are kept in ``NAME::zero_signs``, one
+pruning by multiplication (``torch.nn.utils.prune``, and prunelab runs stored
+before pruned weights were made +0.0) leaves -0.0 wherever a weight was
+negative, and counting those as nonzero would make such files dense. Their signs are kept in ``NAME::zero_signs``, one
 bit per zero element, stored only when at least one zero is negative. Values
 are moved as raw bits, so every tensor comes back bit-identical, NaN payloads
 included. The encoding of each tensor is the one with the fewest bytes, each
