@@ -36,6 +36,13 @@ def test_explicit_default_equals_omitted() -> None:
     assert run_id(build_config({"train.lr": 0.1, "method.power": 1})) == run_id(RunConfig())
 
 
+def test_device_options_enter_the_id_only_when_set() -> None:
+    defaults = {"train.precision": "fp32", "train.channels_last": False}
+    assert run_id(build_config(defaults)) == run_id(RunConfig()) == GOLDEN[0][1]
+    assert run_id(build_config({"train.precision": "bf16"})) != GOLDEN[0][1]
+    assert run_id(build_config({"train.channels_last": True})) != GOLDEN[0][1]
+
+
 def test_dense_ignores_pruning_settings() -> None:
     a = build_config({"method": "dense", "sparsity": 0.5})
     b = build_config({"method": "dense", "sparsity": 0.98, "prune.allocation": "layerwise"})
@@ -66,6 +73,8 @@ def test_yaml_then_set_then_flags(tmp_path: Path) -> None:
         ({"train.optimizer": "sgdd"}, "did you mean 'sgd'"),
         ({"method.end_epoch": 40}, "method.end_epoch <= train.epochs"),
         ({"method": "dense", "method.power": 3}, "unknown config key 'method.power'"),
+        ({"train.precision": "bf61"}, "unknown precision 'bf61' (did you mean 'bf16'?); choose one of: fp32, bf16"),
+        ({"train.channels_last": "yes"}, "train.channels_last must be true or false"),
     ],
 )
 def test_bad_values_are_one_sentence(raw: dict, fragment: str) -> None:

@@ -23,6 +23,7 @@ def _runtime(store: Path, data: Path) -> Runtime:
     {"method": "progressive", "epochs": 4},
     {"method": "progressive", "epochs": 4, "method.update_every": 5, "method.monotone": False},
     {"method": "dense", "epochs": 3, "data.augment.hflip": True, "data.augment.crop_padding": 2},
+    {"method": "progressive", "epochs": 4, "model": "lenet5", "train.precision": "bf16", "train.channels_last": True},
 ])
 def test_interrupted_run_resumes_bit_identical(tiny_data_dir: Path, tmp_path: Path, monkeypatch, raw: dict) -> None:
     cfg = build_config({**TINY, **raw})

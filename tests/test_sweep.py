@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from prunelab.cli import main
 from prunelab.errors import UserError
 from prunelab.experiment import Runtime
 from prunelab.store import Store
-from prunelab.sweep import expand, pretraining, read_sweep, sweep
+from prunelab.sweep import LocalExecutor, expand, pretraining, read_sweep, sweep
 
 TINY = "data.val_size: 200, train.batch_size: 100"
 
@@ -59,11 +60,11 @@ def test_method_settings_apply_to_their_method_only(tmp_path: Path) -> None:
 def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -> None:
     path = _write(tmp_path, "{method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}")
     points = expand(read_sweep(path))
-    first = sweep(points, _runtime(tmp_path, tiny_data_dir), workers=2)
+    first = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (first.runs, first.done, first.skipped, first.failed) == (8, 6, 2, 0)
     records = Store(tmp_path / "store").records()
     assert len(records) == 6 and all(r.status == "ok" for r in records)
-    second = sweep(points, _runtime(tmp_path, tiny_data_dir), workers=2)
+    second = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (second.runs, second.done, second.skipped, second.failed) == (8, 0, 8, 0)
 
     # ... and the report of that store (through the CLI, as a user would).
@@ -78,7 +79,7 @@ def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -
 def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path) -> None:
     points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}")))
     assert len(pretraining(points)) == 1
-    result = sweep(points, _runtime(tmp_path, tiny_data_dir), workers=2)
+    result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed, result.pretrained) == (6, 0, 1)
     store = Store(tmp_path / "store")
     dense = [r for r in store.records() if r.method == "dense"]
@@ -91,7 +92,7 @@ def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path)
 def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "empty-cache"))
     points = expand(read_sweep(_write(tmp_path, "{dataset: [fashion-mnist, mnist], method: [dense]}")))
-    result = sweep(points, _runtime(tmp_path, tiny_data_dir), workers=2)
+    result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed) == (1, 1)
     failed = [r for r in Store(tmp_path / "store").records() if r.status == "failed"]
     assert len(failed) == 1 and failed[0].dataset == "mnist" and "could not find the mnist files" in failed[0].error
@@ -108,3 +109,28 @@ def test_cli_sweep_json_and_dry_run(tiny_data_dir: Path, tmp_path: Path, capsys)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: summary[k] for k in ("runs", "done", "skipped", "failed")} == {"runs": 2, "done": 2, "skipped": 0,
                                                                               "failed": 0}
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--cpus-per-run", "2"], "only --executor ray takes --cpus-per-run"),
+    (["--address", "auto", "--gpus-per-run", "1"], "only --executor ray takes --address, --gpus-per-run"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--executor", "ray", "--workers", "2"], "--workers is for --executor local"),
+    (["--executor", "ray", "--cpus-per-run", "0"], "--cpus-per-run must be at least 1"),
+    (["--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be at least 0"),
+    (["--executor", "ray", "--address", "nowhere"], "--address must be 'auto' or HOST:PORT"),
+])
+def test_cli_sweep_executor_options(tmp_path: Path, capsys, flags: list[str], fragment: str) -> None:
+    path = _write(tmp_path, "{method: [dense]}")
+    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+
+
+def test_cli_sweep_on_ray_without_ray_says_how_to_install_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    path = _write(tmp_path, "{method: [dense]}")
+    assert main(["sweep", str(path), "--executor", "ray", "--store", str(tmp_path / "store")]) == 2
+    assert capsys.readouterr().err == (
+        "prunelab: error: --executor ray needs Ray, which is not installed: pip install 'prunelab[ray]'\n")
+    assert not (tmp_path / "store").exists() or Store(tmp_path / "store").records() == []

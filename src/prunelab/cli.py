@@ -12,12 +12,15 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
 from prunelab.errors import UserError
 
 FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size")
+# Flags of `prunelab run` for config fields without a short alias: argparse dest -> config key.
+FIELD_FLAGS = {"precision": "train.precision", "channels_last": "train.channels_last"}
 # prunelab.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
 EXPORT_FORMATS = ("dense", "sparse", "onnx")
 
@@ -67,6 +70,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed; default 0")
     run.add_argument("--lr", type=float, help="learning rate; default 0.1")
     run.add_argument("--batch-size", type=int, help="batch size; default 128")
+    run.add_argument("--precision", metavar="{fp32,bf16}",
+                     help="bf16: forward pass and loss under bfloat16 autocast (CPU or CUDA); default fp32")
+    run.add_argument("--channels-last", action="store_true", default=None,
+                     help="model and image batches in channels_last memory layout (convolutional nets)")
     _add_runtime(run)
     _add_data_options(run)
 
@@ -74,6 +81,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sw.add_argument("file", type=Path, help="YAML with 'base' and 'grid' sections")
     sw.add_argument("--workers", type=int, default=None, help="worker processes; default one per core")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their estimated cost, run nothing")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: worker processes here; ray: one Ray task per run (needs prunelab[ray])")
+    sw.add_argument("--address", help="ray: the cluster to use, 'auto' or HOST:PORT; default: start Ray here")
+    sw.add_argument("--cpus-per-run", type=int, help="ray: CPUs each run needs (its torch threads); default 1")
+    sw.add_argument("--gpus-per-run", type=float, help="ray: GPUs each run needs (> 0: it runs on cuda); default 0")
     _add_runtime(sw)
     _add_data_options(sw)
 
@@ -141,9 +153,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from prunelab.config import load_config
     from prunelab.experiment import run
 
+    from prunelab.training.distributed import session
+
     flags = {k: getattr(args, k) for k in FLAG_KEYS}
+    flags.update({key: getattr(args, dest) for dest, key in FIELD_FLAGS.items()})
     cfg = load_config(args.config, args.set, flags)
-    summary, cached = run(cfg, _runtime(args))
+    runtime = _runtime(args)
+    # Under torchrun every process gets here; they train the run together and rank 0 reports it.
+    with session(runtime.device) as world:
+        summary, cached = run(cfg, runtime)
+    if not world.is_main:
+        return 0
     if cached:
         print(f"run {summary['run_id']} is already in the store; showing its stored result", file=sys.stderr)
     _print_summary(summary, args.json)
@@ -154,15 +174,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from prunelab.store import Store
     from prunelab.sweep import expand, pretraining, read_sweep, sweep
 
-    workers = args.workers or os.cpu_count() or 1
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+    executor = _sweep_executor(args)
     points = expand(read_sweep(args.file))
     runtime = _runtime(args)
     if args.dry_run:
         _print_plan(points, pretraining(points), Store(runtime.store), args.json)
         return 0
-    result = sweep(points, runtime, workers, runtime.progress, log=lambda m: print(m, file=sys.stderr))
+    session: AbstractContextManager[None] = nullcontext()
+    if args.executor == "ray":
+        from prunelab.ray_executor import ray_session
+
+        session = ray_session()  # Ray, started or joined for the first run to do, is shut down at the end
+    with session:
+        result = sweep(points, runtime, executor, runtime.progress, log=lambda m: print(m, file=sys.stderr))
     for rid, error in result.errors.items():
         print(f"run {rid} failed: {error}", file=sys.stderr)
     if args.json:
@@ -171,6 +195,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{result.runs} grid points: {result.done} done, {result.skipped} skipped, {result.failed} failed"
               + (f" ({result.pretrained} dense pretraining runs trained first)" if result.pretrained else ""))
     return 1 if result.failed else 0
+
+
+def _sweep_executor(args: argparse.Namespace) -> Any:
+    """The executor ``--executor`` names, its options checked (the other executor's options refused)."""
+    if args.executor == "local":
+        from prunelab.sweep import LocalExecutor
+
+        given = [flag for flag, value in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run),
+                                          ("--gpus-per-run", args.gpus_per_run)) if value is not None]
+        if given:
+            raise UserError(f"only --executor ray takes {', '.join(given)}")
+        workers = args.workers if args.workers is not None else os.cpu_count() or 1
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
+        return LocalExecutor(workers)
+    from prunelab.ray_executor import RayExecutor
+
+    if args.workers is not None:
+        raise UserError("--workers is for --executor local; on Ray, --cpus-per-run sets how many runs share a node")
+    cpus = 1 if args.cpus_per_run is None else args.cpus_per_run
+    gpus = 0.0 if args.gpus_per_run is None else args.gpus_per_run
+    return RayExecutor(cpus, gpus, args.address)
 
 
 def _print_plan(points: list[Any], shared: list[Any], store: Any, as_json: bool) -> None:

@@ -28,6 +28,7 @@ from prunelab.errors import UserError
 from prunelab.methods import METHODS
 from prunelab.models import MODELS
 from prunelab.sparsity.allocate import ALLOCATIONS
+from prunelab.training.loop import PRECISIONS
 from prunelab.training.optim import LR_SCHEDULES, OPTIMIZERS, OptimSettings
 
 
@@ -83,6 +84,14 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
+    # Both can change the numbers a run produces (other kernels, other rounding), so they are part
+    # of the config; at their defaults they stay out of the run id, which keeps existing ids.
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32, or bf16: forward pass and loss under bfloat16 autocast"}
+    )
+    channels_last: bool = field(
+        default=False, metadata={"help": "model and image batches in channels_last memory layout (conv nets)"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
@@ -103,6 +112,11 @@ class TrainConfig:
         _check(
             0 <= self.label_smoothing < 1,
             f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+        _choice("precision", self.precision, PRECISIONS)
+        _check(
+            isinstance(self.channels_last, bool),
+            f"train.channels_last must be true or false, got {self.channels_last!r}",
         )
 
     def optim(self) -> OptimSettings:

@@ -25,8 +25,10 @@ from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
 from prunelab.store import RunFolder, Store, atomic_torch_save, safe_torch_load
+from prunelab.training import distributed
 from prunelab.training.cost import forward_flops
-from prunelab.training.loop import Cost, LoopSettings, Trainer, evaluate
+from prunelab.training.distributed import World
+from prunelab.training.loop import Cost, LoopSettings, Trainer
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,16 @@ class Runtime:
     download: bool = True
 
 
-def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda' or 'auto' (CUDA when present)."""
+def resolve_device(name: str, world: World = distributed.SINGLE) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (CUDA when present); each process of a distributed run uses GPU LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
     if name not in ("cpu", "cuda"):
         raise UserError(f"unknown device {name!r}; choose one of: auto, cpu, cuda")
+    if name == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -93,20 +97,28 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
 
     ``data``: the already loaded splits of ``cfg``'s dataset and seed (saves a reload
     when a method runs its dense pretraining as a run of its own).
+
+    Under torchrun every process calls this and trains the run together
+    (:mod:`prunelab.training.distributed`): rank 0 alone uses the store and
+    tells the others whether to train and, at the end, the result.
     """
-    store = Store(runtime.store)
+    world = distributed.current()
     rid = run_id(cfg)
+    if not world.is_main:
+        return _follow(cfg, rid, runtime, data, world)
+    store = Store(runtime.store)
     cached = _stored(store, rid)
     if cached is not None:
-        return cached, True
+        return world.share(cached), True
     # One process trains a run; another asking for it waits, then reads the result.
     with store.lock(rid):
         cached = _stored(store, rid)
         if cached is not None:
-            return cached, True
+            return world.share(cached), True
         folder = store.begin(rid, to_dict(cfg), headline(cfg))
+        world.share(None)  # the other ranks: train it (the folder exists now)
         try:
-            summary = _execute(cfg, rid, folder, runtime, data)
+            summary = _finish(_train(cfg, folder, runtime, data, world), rid, folder)
             store.finish(rid, summary)
         except KeyboardInterrupt:
             store.mark(rid, "interrupted", "interrupted by the user")
@@ -118,21 +130,36 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
             store.mark(rid, "failed", f"{type(exc).__name__}: {exc}")
             raise
         folder.drop_checkpoint()
-    return summary, False
+    return world.share(summary), False
 
 
-def _execute(
-    cfg: RunConfig, rid: str, folder: RunFolder, runtime: Runtime, data: DataSplits | None
-) -> dict[str, Any]:
-    device = resolve_device(runtime.device)
+def _follow(
+    cfg: RunConfig, rid: str, runtime: Runtime, data: DataSplits | None, world: World
+) -> tuple[dict[str, Any], bool]:
+    """:func:`run` on a rank other than 0: train alongside rank 0, write nothing, return rank 0's result."""
+    cached = world.share(None)
+    if cached is not None:
+        return cached, True
+    # Read-only: rank 0 writes this folder; we only load the checkpoints it wrote.
+    _train(cfg, RunFolder(Path(runtime.store) / rid), runtime, data, world)
+    return world.share(None), False
+
+
+def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits | None, world: World) -> Context:
+    """Build model, data and trainer, and run the method program; every rank of a distributed run takes part."""
+    device = resolve_device(runtime.device, world)
     if runtime.threads:
         torch.set_num_threads(runtime.threads)
     seed_everything(cfg.seed)
     if data is None:
-        data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
-        data = _to_device(data, device)
+        with world.main_first():  # one download, not one per process
+            data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
+        data = _to_device(data, device, cfg.train.channels_last)
+    world.check_batching(len(data.train_y), cfg.train.batch_size)
     spec = data.spec
     model = build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights (convolutions) only
     params = prunable_parameters(model, cfg.prune.exclude)
     if not params:
         raise UserError(f"every prunable layer of {cfg.model.name} is excluded by prune.exclude; nothing to prune")
@@ -144,17 +171,20 @@ def _execute(
             label_smoothing=cfg.train.label_smoothing,
             optim=cfg.train.optim(),
             augment=cfg.data.augment,
+            precision=cfg.train.precision,
         ),
         masker=Masker(params),
         layer_flops=forward_flops(model, (spec.channels, spec.image_size, spec.image_size)),
         seed=cfg.seed,
         checkpointer=folder,
-        log=folder.append_metrics,
-        progress=runtime.progress,
+        log=folder.append_metrics if world.is_main else None,
+        progress=runtime.progress if world.is_main else False,
+        world=world,
     )
     ctx = Context(cfg, trainer, pretrained=lambda: _pretrained(cfg, runtime, data))
     METHODS.get(cfg.method.name).run(ctx, cfg.method.settings)
-    return _finish(ctx, rid, folder, data)
+    trainer.agree_on_masks("the final masks")
+    return ctx
 
 
 def dense_config(cfg: RunConfig) -> RunConfig:
@@ -170,38 +200,48 @@ def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretraine
     the same run id, so it is trained once.
     """
     summary, _ = run(dense_config(cfg), runtime, data)
-    weights = safe_torch_load(Store(runtime.store).folder(summary["run_id"]).path / "weights.pt")
+    # Read only (every rank of a distributed run reads it): <store>/<run id>/ is the run's folder.
+    weights = safe_torch_load(Path(runtime.store) / summary["run_id"] / "weights.pt")
     cost = Cost(**{f.name: summary[f.name] for f in dataclasses.fields(Cost)})
     return Pretrained(summary["run_id"], weights, cost)
 
 
-def _to_device(data: DataSplits, device: torch.device) -> DataSplits:
-    if device.type == "cpu":
+def _to_device(data: DataSplits, device: torch.device, channels_last: bool = False) -> DataSplits:
+    """The splits on ``device`` (once, so batches never travel), images in channels_last layout if asked.
+
+    Batches are gathered from these tensors and keep their layout.
+    """
+    if device.type == "cpu" and not channels_last:
         return data
     moved = {k: getattr(data, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
+    if channels_last:
+        for k in ("train_x", "val_x", "test_x"):
+            if moved[k].dim() == 4:
+                moved[k] = moved[k].contiguous(memory_format=torch.channels_last)
     return DataSplits(**moved, spec=data.spec)
 
 
-def _finish(ctx: Context, rid: str, folder: RunFolder, data: DataSplits) -> dict[str, Any]:
-    """Evaluate on test (final weights and validation-selected weights), store files, build the summary."""
-    model, masker = ctx.trainer.model, ctx.trainer.masker
+def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
+    """Evaluate on test (final weights and validation-selected weights), store files, build the summary (rank 0)."""
+    trainer = ctx.trainer
+    model, masker, data = trainer.model, trainer.masker, trainer.data
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(folder.path / "weights.pt", state)
     atomic_torch_save(folder.path / "mask.pt", {k: v.cpu() for k, v in masker.masks.items()})
     weights_sha256 = hashlib.sha256((folder.path / "weights.pt").read_bytes()).hexdigest()
     started = time.perf_counter()
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+    test_loss, test_acc = trainer.evaluate(data.test_x, data.test_y)
     history = ctx.last_cycle.history if ctx.last_cycle else []
     selection = ctx.last_cycle.selection if ctx.last_cycle else None
     selected_test_acc = None
     if selection is not None and selection.state is not None:
         model.load_state_dict(selection.state)
-        selected_test_acc = evaluate(model, data.test_x, data.test_y)[1]
+        selected_test_acc = trainer.evaluate(data.test_x, data.test_y)[1]
         model.load_state_dict(state)
     collapsed = ctx.check_collapse()
-    cost = ctx.trainer.cost
+    cost = trainer.cost
     final = history[-1] if history else {}
-    return {
+    summary = {
         "run_id": rid,
         "status": "ok",
         **headline(ctx.cfg),
@@ -223,3 +263,6 @@ def _finish(ctx: Context, rid: str, folder: RunFolder, data: DataSplits) -> dict
         "reused_runs": ctx.reused,
         "notes": ctx.notes,
     }
+    if trainer.world.distributed:
+        summary["ddp"] = {"world_size": trainer.world.size, "mask_sha256": trainer.mask_digests}
+    return summary

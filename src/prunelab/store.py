@@ -17,6 +17,11 @@ checkpoint also carries the sha256 of its contents: one that fails the check
 is set aside (renamed ``*.damaged``) and the run resumes from the one before.
 The run lock is an advisory ``flock``: the kernel releases it when its holder
 dies, so a killed process never leaves a stale lock behind.
+
+A run moves between stores as a :class:`RunBundle` (its index row and the
+bytes of its files, checkpoints left out): a sweep on a Ray cluster trains
+each run in a private store on a worker node and the driver imports the
+bundle, so only the driver ever writes the real store.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -43,6 +49,11 @@ from prunelab.faults import fault_point
 
 CHECKPOINT_MAGIC = b"PRUNELAB-CHECKPOINT-1\n"
 KEEP_CHECKPOINTS = 2
+# What a run bundle may carry: a run's files less its checkpoints and lock. A finished run has at
+# least FINISHED_FILES (metrics.jsonl only once it has trained an epoch).
+BUNDLE_FILES = ("config.json", "metrics.jsonl", "weights.pt", "mask.pt", "summary.json")
+FINISHED_FILES = ("config.json", "weights.pt", "mask.pt", "summary.json")
+RUN_ID = re.compile(r"[0-9a-f]{12}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -129,6 +140,14 @@ class RunRecord:
     error: str | None
     created: float
     updated: float
+
+
+@dataclass(frozen=True)
+class RunBundle:
+    """One run as it moves between stores: its index row and its files' bytes by name (no checkpoints)."""
+
+    record: RunRecord
+    files: dict[str, bytes]
 
 
 class RunFolder:
@@ -324,6 +343,55 @@ class Store:
         finally:
             os.close(fd)  # releases the lock
 
+    def export_run(self, run_id: str) -> RunBundle:
+        """The run's index row and the bytes of its files (those of :data:`BUNDLE_FILES` it has)."""
+        record = self.get(run_id)
+        if record is None:
+            raise UserError(f"no run {run_id!r} in the store at {self.root}")
+        folder = self.root / run_id
+        files = {name: (folder / name).read_bytes() for name in BUNDLE_FILES if (folder / name).exists()}
+        return RunBundle(record, files)
+
+    def import_run(self, bundle: RunBundle) -> bool:
+        """Add a run exported from another store; returns False (and does nothing) if it is stored as ok.
+
+        The files are written atomically first and the index row last, in one
+        transaction, so a crash in between leaves the run not finished here
+        (a later sweep runs it again), never a finished row without its files.
+        A bundle naming a file outside :data:`BUNDLE_FILES`, a malformed run id,
+        a finished run lacking a file or whose weights do not match their
+        checksum is refused with a :class:`UserError`.
+        """
+        record = bundle.record
+        _check_bundle(bundle)
+        if self._finished(record.run_id):
+            return False
+        with self.lock(record.run_id):
+            if self._finished(record.run_id):  # imported or trained by another process meanwhile
+                return False
+            folder = self.folder(record.run_id)
+            for name, data in bundle.files.items():
+                atomic_write_bytes(folder.path / name, data)
+            if record.status == "ok":
+                folder.drop_checkpoint()  # left by an earlier attempt here, which the import finishes
+            with self._connect() as db:
+                db.execute(
+                    """INSERT INTO runs (run_id, status, method, model, dataset, target_sparsity, seed,
+                                         config, summary, error, created, updated)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(run_id) DO UPDATE SET status=excluded.status, summary=excluded.summary,
+                           error=excluded.error, updated=excluded.updated""",
+                    (record.run_id, record.status, record.method, record.model, record.dataset,
+                     record.target_sparsity, record.seed, json.dumps(record.config, sort_keys=True),
+                     json.dumps(record.summary, sort_keys=True) if record.summary is not None else None,
+                     record.error, record.created, record.updated),
+                )
+        return True
+
+    def _finished(self, run_id: str) -> bool:
+        record = self.get(run_id)
+        return record is not None and record.status == "ok"
+
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         """Set a run's status (``failed``, ``interrupted``) with an optional error message."""
         with self._connect() as db:
@@ -331,6 +399,24 @@ class Store:
                 "UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?",
                 (status, error, time.time(), run_id),
             )
+
+
+def _check_bundle(bundle: RunBundle) -> None:
+    """Refuse a bundle that could write outside its run folder, or a finished run that is incomplete."""
+    rid = bundle.record.run_id
+    if not RUN_ID.fullmatch(rid):
+        raise UserError(f"run bundle has a malformed run id {rid!r}; expected 12 hex digits")
+    unexpected = sorted(set(bundle.files) - set(BUNDLE_FILES))
+    if unexpected:
+        raise UserError(f"run bundle {rid} holds unexpected files {unexpected}; allowed: {list(BUNDLE_FILES)}")
+    if bundle.record.status != "ok":
+        return
+    missing = [name for name in FINISHED_FILES if name not in bundle.files]
+    if missing or bundle.record.summary is None:
+        raise UserError(f"run bundle {rid} is finished but lacks {missing or ['its summary']}")
+    digest = hashlib.sha256(bundle.files["weights.pt"]).hexdigest()
+    if digest != bundle.record.summary.get("weights_sha256"):
+        raise UserError(f"run bundle {rid} is damaged (weights.pt does not match its weights_sha256)")
 
 
 def _record(row: tuple[Any, ...]) -> RunRecord:

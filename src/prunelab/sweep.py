@@ -1,4 +1,4 @@
-"""Sweeps: a grid over config fields, expanded into runs and executed by local worker processes.
+"""Sweeps: a grid over config fields, expanded into runs and executed by local processes or on Ray.
 
 A sweep file::
 
@@ -10,6 +10,10 @@ Every grid point becomes a resolved config; points that resolve to the same
 run (``dense`` at two sparsities) are one run. Runs already in the store are
 skipped. Dense pretraining that several runs share is trained first, once.
 A failing run is recorded in the store with its error; the others go on.
+
+What to run and how it went is decided here; where runs execute is an
+:data:`Executor`: :class:`LocalExecutor` (worker processes on this machine)
+or ``prunelab.ray_executor.RayExecutor`` (tasks on a Ray cluster).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,9 +29,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prunelab.config import RunConfig, build_config, flatten, read_yaml_tree, run_id
+from prunelab.config import RunConfig, build_config, flatten, read_yaml_tree, run_id, to_dict
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, dense_config, run
+from prunelab.experiment import Runtime, dense_config, headline, run
 from prunelab.methods import METHODS
 from prunelab.store import Store
 
@@ -106,18 +110,23 @@ def expand(spec: SweepFile) -> list[Point]:
     return points
 
 
+def pretrained_dense(cfg: RunConfig) -> RunConfig | None:
+    """The dense run ``cfg``'s method starts from, or None if it trains from scratch."""
+    return dense_config(cfg) if METHODS.get(cfg.method.name).plan(cfg).pretrained else None
+
+
 def pretraining(points: Sequence[Point]) -> list[RunConfig]:
     """The dense runs that pretrained methods will ask for, once each (they run first)."""
     needed: dict[str, RunConfig] = {}
     for p in points:
-        if p.pretrained:
-            cfg = dense_config(p.cfg)
-            needed.setdefault(run_id(cfg), cfg)
+        dense = pretrained_dense(p.cfg)
+        if dense is not None:
+            needed.setdefault(run_id(dense), dense)
     return list(needed.values())
 
 
-def _work(cfg: RunConfig, runtime: Runtime) -> Outcome:
-    """Run one config in a worker process; any failure becomes an Outcome (the store has it too)."""
+def work(cfg: RunConfig, runtime: Runtime) -> Outcome:
+    """Run one config (in a worker); any failure becomes an Outcome (the store has it too)."""
     try:
         summary, _ = run(cfg, runtime)
         return Outcome(summary["run_id"], "ok")
@@ -127,34 +136,57 @@ def _work(cfg: RunConfig, runtime: Runtime) -> Outcome:
         return Outcome(run_id(cfg), "failed", f"{type(exc).__name__}: {exc}")
 
 
+def record_crash(store: Store, cfg: RunConfig, error: str) -> Outcome:
+    """Store ``cfg``'s run as failed with ``error`` when its worker died before it could say so."""
+    rid = run_id(cfg)
+    if store.get(rid) is None:  # it died before the run was registered
+        store.begin(rid, to_dict(cfg), headline(cfg))
+    store.mark(rid, "failed", error)
+    return Outcome(rid, "failed", error)
+
+
+# An executor runs configs wherever it runs them and yields one Outcome per config as each ends;
+# by then the run is in the store at runtime.store (finished or failed).
+Executor = Callable[[Sequence[RunConfig], Runtime], Iterator[Outcome]]
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """Runs configs in ``workers`` local processes, each with cores // workers torch threads."""
+
+    workers: int
+
+    def __call__(self, configs: Sequence[RunConfig], runtime: Runtime) -> Iterator[Outcome]:
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        runtime = replace(runtime, threads=runtime.threads or threads, progress=False)
+        # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context) as pool:
+            futures: dict[Future[Outcome], RunConfig] = {pool.submit(work, c, runtime): c for c in configs}
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except Exception as exc:  # noqa: BLE001 (a worker died: record it, go on)
+                    error = f"worker process died: {type(exc).__name__}: {exc}"
+                    yield record_crash(Store(runtime.store), futures[future], error)
+
+
 def execute(
     configs: Sequence[RunConfig],
     runtime: Runtime,
-    workers: int,
+    executor: Executor,
     progress: bool | None = None,
     desc: str = "sweep",
 ) -> list[Outcome]:
-    """Run ``configs`` in ``workers`` processes (each with cores // workers torch threads)."""
+    """Run ``configs`` with ``executor`` under a progress bar; the outcomes in the order they ended."""
     if not configs:
         return []
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    runtime = replace(runtime, threads=runtime.threads or threads, progress=False)
     outcomes: list[Outcome] = []
     bar = tqdm(total=len(configs), desc=desc, unit="run", disable=None if progress is None else not progress)
-    # spawn, not fork: a forked child would inherit torch's thread pools in an undefined state.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future[Outcome], RunConfig] = {pool.submit(_work, c, runtime): c for c in configs}
-        for future in as_completed(futures):
-            try:
-                outcome = future.result()
-            except Exception as exc:  # noqa: BLE001 (a worker died: record it, go on)
-                rid = run_id(futures[future])
-                outcome = Outcome(rid, "failed", f"worker process died: {type(exc).__name__}: {exc}")
-                Store(runtime.store).mark(rid, "failed", outcome.error)
-            outcomes.append(outcome)
-            bar.update(1)
-            bar.set_postfix(failed=sum(o.status == "failed" for o in outcomes))
+    for outcome in executor(configs, runtime):
+        outcomes.append(outcome)
+        bar.update(1)
+        bar.set_postfix(failed=sum(o.status == "failed" for o in outcomes))
     bar.close()
     return outcomes
 
@@ -178,11 +210,11 @@ class SweepResult:
 def sweep(
     points: Sequence[Point],
     runtime: Runtime,
-    workers: int,
+    executor: Executor,
     progress: bool | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> SweepResult:
-    """Run every point not yet in the store; shared dense pretraining first."""
+    """Run every point not yet in the store with ``executor``; shared dense pretraining first."""
     store = Store(runtime.store)
     stored = {r.run_id for r in store.records() if r.status == "ok"}
     todo = {p.run_id: p.cfg for p in points if p.run_id not in stored}
@@ -191,8 +223,8 @@ def sweep(
     rest = [c for rid, c in todo.items() if rid not in shared]
     log(f"{len(points)} grid points: {len(todo)} runs to train, the rest already stored or repeated"
         + (f"; {len(first)} shared dense pretraining runs go first" if first else ""))
-    outcomes = execute(first, runtime, workers, progress, "pretraining")
-    outcomes += execute(rest, runtime, workers, progress)
+    outcomes = execute(first, runtime, executor, progress, "pretraining")
+    outcomes += execute(rest, runtime, executor, progress)
     by_id = {o.run_id: o for o in outcomes}
     done = failed = skipped = 0
     counted: set[str] = set()

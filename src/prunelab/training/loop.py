@@ -5,11 +5,14 @@ counting, validation and checkpointing behave identically for all of them.
 A cycle checkpoints after every epoch; a run restarted with the same program
 fast-forwards through finished cycles and resumes the interrupted one, ending
 bit-identical on CPU (the data order of an epoch is a pure function of
-(seed, cycle index, epoch) and every RNG state is saved).
+(seed, cycle index, epoch) and every RNG state is saved). Under torchrun the
+same loop trains one run on several processes, each on its share of every
+batch (:mod:`prunelab.training.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
@@ -27,7 +30,11 @@ from prunelab.data import Augment, DataSplits, eval_batches, num_batches, train_
 from prunelab.faults import fault_point
 from prunelab.sparsity.mask import Masker, Masks, layer_densities
 from prunelab.training.cost import dense_train_step_flops, train_step_flops
+from prunelab.training.distributed import SINGLE, SharedCheckpointer, World, masks_digest
 from prunelab.training.optim import OptimSettings, build_optimizer, lr_at, set_lr
+
+# Arithmetic of the forward pass and the loss: "bf16" runs them under bfloat16 autocast.
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class LoopSettings:
     optim: OptimSettings
     augment: Augment = Augment()
     eval_batch_size: int = 1000
+    precision: str = "fp32"
 
 
 @dataclass
@@ -114,8 +122,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py_version, tuple(py_state), py_gauss))
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """The context the forward pass and loss run in: bfloat16 autocast for "bf16" (CPU or CUDA)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, precision: str = "fp32"
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) on an empty split."""
     if len(y) == 0:
         return float("nan"), float("nan")
@@ -124,8 +141,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for xb, yb in eval_batches(x, y, batch_size):
-        out = model(xb)
-        loss += F.cross_entropy(out, yb, reduction="sum")
+        with autocast(x.device, precision):
+            out = model(xb)
+        loss += F.cross_entropy(out.float(), yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
     model.train(was_training)
     return float(loss) / len(y), int(correct) / len(y)
@@ -145,8 +163,20 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool | None = None,
+        world: World = SINGLE,
     ) -> None:
+        """``world``: the processes that train this run together (:mod:`prunelab.training.distributed`).
+
+        With several, each trains on its share of every batch, rank 0 alone
+        writes checkpoints (every rank reads them), and the caller passes a
+        ``log`` only on rank 0.
+        """
         self.model = model
+        self.world = world
+        # What the training step calls: the model itself, or its DistributedDataParallel wrapper.
+        self._step_model = world.wrap(model)
+        if checkpointer is not None and world.distributed:
+            checkpointer = SharedCheckpointer(checkpointer, world)
         self.data = data
         self.settings = settings
         self.masker = masker
@@ -156,6 +186,7 @@ class Trainer:
         self.log = log or (lambda record: None)
         self.progress = progress
         self.cost = Cost()
+        self.mask_digests: list[str] = []  # per rank, from the last check of a distributed run
         self.optimizer: torch.optim.Optimizer | None = None
         self.cycle_index = 0
         # Method state that must survive an interruption (rewind points); checkpointed with the cycle.
@@ -176,7 +207,21 @@ class Trainer:
         """Install new masks: pruned weights and their optimizer state become 0, FLOPs are recounted."""
         self.masker.set_masks(masks, self.optimizer)
         self._refresh_step_flops()
+        self.agree_on_masks("the masks after a mask update")
         fault_point("mask")
+
+    def agree_on_masks(self, what: str = "the final masks") -> list[str]:
+        """Every rank's sha256 of its masks, in rank order; raises if the ranks' masks differ.
+
+        Single-process: nothing is computed (an empty list).
+        """
+        if self.world.distributed:
+            self.mask_digests = self.world.agree(masks_digest(self.masker.masks), what)
+        return self.mask_digests
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Loss and accuracy of the model on (x, y), at the training precision (identical on every rank)."""
+        return evaluate(self.model, x, y, self.settings.eval_batch_size, self.settings.precision)
 
     def _refresh_step_flops(self) -> None:
         self._step_flops = train_step_flops(self.layer_flops, layer_densities(self.masker.masks), 1)
@@ -251,6 +296,7 @@ class Trainer:
                    disable=None if self.progress is None else not self.progress,  # None: only on a TTY
                    unit="batch", dynamic_ncols=True)
         device = self.data.train_x.device
+        world = self.world
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -260,22 +306,31 @@ class Trainer:
             if hook is not None:
                 hook.before_step(step, self)
             set_lr(opt, lr_at(step, steps_per_epoch, epochs, optim))
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
+            n = len(y)  # the global batch: its cost is counted, whatever share of it this process trains
+            x, y, scale = world.shard(x, y)
+            with autocast(device, s.precision):
+                out = self._step_model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scale == 1.0 else loss * scale).backward()
             masker.apply_to_grads()
             opt.step()  # pruned weights stay exactly 0: see Masker
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
-            self.cost.train_flops += self._step_flops * len(y)
-            self.cost.dense_train_flops += self._dense_step_flops * len(y)
+            self.cost.train_flops += self._step_flops * n
+            self.cost.dense_train_flops += self._dense_step_flops * n
         bar.close()
         masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
+        if world.distributed:
+            # Training figures over the global batches; BatchNorm statistics as rank 0's on every rank,
+            # so that validation, checkpoints and the next masks are the same everywhere.
+            totals = world.sum(torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
+            world.sync_buffers(model)
         self.cost.steps += steps_per_epoch
         self.cost.epochs += 1
-        val_loss, val_acc = evaluate(model, self.data.val_x, self.data.val_y, s.eval_batch_size)
+        val_loss, val_acc = self.evaluate(self.data.val_x, self.data.val_y)
         kept = sum(int(m.sum()) for m in masker.masks.values())
         total = sum(m.numel() for m in masker.masks.values())
         return {
@@ -323,6 +378,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.masker.set_masks(state["masks"])
         self._refresh_step_flops()
+        self.agree_on_masks("the masks of the checkpoint resumed from")
         self.optimizer.load_state_dict(state["optimizer"])
         if hook is not None:
             hook.load_state_dict(state["hook"])
