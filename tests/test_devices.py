@@ -1,4 +1,5 @@
-"""Device options that enter the config: bf16 autocast (``train.precision``) and ``train.channels_last``."""
+"""Device choice (``--device``) and the device options that enter the config: bf16 autocast
+(``train.precision``) and ``train.channels_last``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from prunelab.cli import main
 from prunelab.config import build_config, run_id
-from prunelab.experiment import Runtime, run
+from prunelab.errors import UserError
+from prunelab.experiment import Runtime, resolve_device, run
 
 TINY = {"data.val_size": 200, "train.batch_size": 64}
 TINY_ARGS = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--no-download"]
@@ -63,3 +65,22 @@ def test_an_unknown_precision_flag_is_one_sentence(tmp_path: Path, capsys: pytes
     assert main(["run", "--precision", "bf61", "--store", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown precision 'bf61' (did you mean 'bf16'?)" in err and "\n" not in err
+
+
+def test_auto_is_the_default_device_and_picks_cuda_only_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Runtime().device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="^--device cuda was asked for but no CUDA device is available$"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_unknown_device_is_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--device", "tpu", "--store", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -120,7 +120,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (CUDA when present, else CPU), cpu or cuda; default auto")
     p.add_argument("--threads", type=int, help="torch CPU threads per run; default: cores (divided among workers)")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -37,7 +37,7 @@ class Runtime:
 
     store: Path = Path("runs")
     data_dir: Path | None = None
-    device: str = "cpu"
+    device: str = "auto"
     threads: int | None = None
     progress: bool | None = None
     download: bool = True
