@@ -84,6 +84,20 @@ def vector_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 20, generator=g), torch.randint(0, 4, (8,), generator=g)
 
 
+def user_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, pruner: prunelab.ProgressivePruner,
+    batch: tuple[torch.Tensor, torch.Tensor], clip: bool = False,
+) -> None:
+    """One step of a user's own loop: backward, optional clipping, the optimizer's step, then the pruner's."""
+    x, y = batch
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if clip:
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    pruner.step()
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple[torch.Tensor, torch.Tensor]]]] = {
     "transformer": (TinyEncoder, encoder_batch),
     "depthwise": (depthwise_separable, image_batch),
@@ -214,12 +228,7 @@ def test_progressive_pruner_in_a_user_loop(name: str, optimizer_name: str) -> No
     pruner = prunelab.ProgressivePruner(model, optimizer, sparsity=0.8, start=0, end=2, steps_per_epoch=3)
     kept = []
     for step in range(9):
-        x, y = batch(step)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        pruner.step()
+        user_step(model, optimizer, pruner, batch(step), clip=True)
         assert_pruned_state_zero(pruner, optimizer)
         kept.append(count_kept(pruner.masks))
     total = count_total(pruner.masks)
@@ -241,11 +250,7 @@ def test_progressive_pruner_follows_the_polynomial_schedule_and_is_monotone() ->
     previous = pruner.masks
     seen = []
     for step in range(16):
-        x, y = vector_batch(step)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        pruner.step()
+        user_step(model, optimizer, pruner, vector_batch(step))
         assert all(bool((~previous[n] & pruner.masks[n]).sum() == 0) for n in previous)  # never revived
         previous = pruner.masks
         seen.append(count_kept(pruner.masks))
@@ -263,11 +268,7 @@ def test_start_equal_to_end_prunes_once_then_keeps_the_mask() -> None:
     first = {n: m.clone() for n, m in pruner.masks.items()}
     assert count_kept(first) == expected_kept(model, 0.75)
     for step in range(6):
-        x, y = vector_batch(step)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        pruner.step()
+        user_step(model, optimizer, pruner, vector_batch(step))
         assert_pruned_state_zero(pruner, optimizer)
     assert all(torch.equal(first[n], pruner.masks[n]) for n in first)
 

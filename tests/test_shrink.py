@@ -26,15 +26,21 @@ def _randomize_(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _shrunk(model: nn.Module, *input_shape: int) -> nn.Module:
+    """``shrink(model)``, checked to compute ``model``'s function on a random batch of ``input_shape``."""
+    small = shrink(model)
+    assert max_diff(model, small, torch.randn(*input_shape)) < 1e-5
+    return small
+
+
 def _assert_fc1_left_alone(model: nn.Module) -> None:
     """fc1's unit 0 feeds nothing through fc2, yet shrink must keep it: the model is not a plain chain."""
     torch.manual_seed(0)
     model = _randomize_(model)
     with torch.no_grad():
         model.fc2.weight[:, 0] = 0
-    small = shrink(model)
+    small = _shrunk(model, 3, 4)
     assert small.fc1.out_features == 6
-    assert max_diff(model, small, torch.randn(3, 4)) < 1e-5
 
 
 def _mlp() -> nn.Sequential:
@@ -52,12 +58,11 @@ def test_mlp_dead_units_removed_by_both_rules_and_folded() -> None:
         model.fc1.bias[[2, 6]] = torch.tensor([0.7, 0.3])  # nonzero constants: folding must be exact
         model.fc3.weight[:, 3] = 0  # (a) fc2 unit 3
         model.fc2.weight[0] = 0  # (b) fc2 unit 0, constant relu(bias)
-    small = shrink(model)
+    small = _shrunk(model, 16, 6)
     assert small.fc1.weight.shape == (4, 6) and small.fc1.bias.shape == (4,)
     assert small.fc2.weight.shape == (3, 4) and small.fc2.bias.shape == (3,)
     assert small.fc3.weight.shape == (3, 3) and small.fc3.bias.shape == (3,)
     assert (small.fc1.in_features, small.fc1.out_features, small.fc2.in_features) == (6, 4, 4)
-    assert max_diff(model, small, torch.randn(16, 6)) < 1e-5
 
 
 def test_removal_repeats_until_nothing_changes() -> None:
@@ -66,10 +71,9 @@ def test_removal_repeats_until_nothing_changes() -> None:
         model.fc2.weight[:, 0] = 0
         model.fc2.weight[4, 0] = 1.0  # fc1 unit 0 is read only by fc2 unit 4 ...
         model.fc3.weight[:, 4] = 0  # ... which nobody reads: once it goes, fc1 unit 0 is dead too
-    small = shrink(model)
+    small = _shrunk(model, 16, 6)
     assert small.fc2.out_features == 4
     assert small.fc1.out_features == 7
-    assert max_diff(model, small, torch.randn(16, 6)) < 1e-5
 
 
 def test_model_inputs_and_outputs_are_never_cut() -> None:
@@ -77,18 +81,16 @@ def test_model_inputs_and_outputs_are_never_cut() -> None:
     with torch.no_grad():
         model.fc1.weight[:, 2] = 0  # an input feature nobody reads
         model.fc3.weight[1] = 0  # an output with zero weights
-    small = shrink(model)
+    small = _shrunk(model, 4, 6)
     assert small.fc1.in_features == 6 and small.fc3.out_features == 3
-    assert max_diff(model, small, torch.randn(4, 6)) < 1e-5
 
 
 def test_one_unit_is_kept_when_all_are_dead() -> None:
     model = _mlp()
     with torch.no_grad():
         model.fc2.weight.zero_()
-    small = shrink(model)
+    small = _shrunk(model, 4, 6)
     assert small.fc1.out_features == 1
-    assert max_diff(model, small, torch.randn(4, 6)) < 1e-5
 
 
 def _convnet() -> nn.Sequential:
@@ -114,7 +116,7 @@ def test_conv_bn_dead_channels_removed() -> None:
         model.conv2.weight[2] = 0
         model.conv2.bias[2] = 0.4
         model.bn2.bias[2] = 0.8
-    small = shrink(model)
+    small = _shrunk(model, 8, 3, 8, 8)
     assert small.conv1.weight.shape == (5, 3, 3, 3)
     assert small.bn1.running_mean.shape == (5,) and small.bn1.weight.shape == (5,)
     assert small.conv2.weight.shape == (4, 5, 3, 3)
@@ -123,7 +125,6 @@ def test_conv_bn_dead_channels_removed() -> None:
     kept = [0, 1, 3, 5]  # conv2 channels left; fc's columns are their blocks, in order
     expected = model.fc.weight.reshape(5, 6, 16)[:, kept].reshape(5, -1)
     assert torch.equal(small.fc.weight, expected)
-    assert max_diff(model, small, torch.randn(8, 3, 8, 8)) < 1e-5
 
 
 @pytest.mark.parametrize(("padding", "channels"), [(1, 4), (0, 3)])
@@ -133,9 +134,8 @@ def test_constant_channel_into_padded_conv_is_kept(padding: int, channels: int) 
     with torch.no_grad():
         model[0].weight[1] = 0
         model[0].bias[1] = 0.5  # constant 0.5 inside, but the padded border of channel 1 reads 0
-    small = shrink(model)
+    small = _shrunk(model, 2, 2, 6, 6)
     assert small[0].out_channels == channels and small[2].in_channels == channels
-    assert max_diff(model, small, torch.randn(2, 2, 6, 6)) < 1e-5
 
 
 def test_view_flatten_and_functional_relu_are_followed() -> None:
@@ -153,9 +153,8 @@ def test_view_flatten_and_functional_relu_are_followed() -> None:
     model = _randomize_(Net())
     with torch.no_grad():
         model.fc.weight[:, 4:8] = 0
-    small = shrink(model)
+    small = _shrunk(model, 2, 1, 4, 4)
     assert small.conv.out_channels == 3 and small.fc.in_features == 12
-    assert max_diff(model, small, torch.randn(2, 1, 4, 4)) < 1e-5
 
 
 def test_a_value_used_twice_is_left_alone() -> None:
@@ -195,8 +194,7 @@ def test_untraceable_model_is_copied_unchanged() -> None:
 def test_lenet300_keeps_its_function_and_no_hidden_unit_is_dead(density: float) -> None:
     torch.manual_seed(0)
     model = prune_(build_model("lenet300", 1, 28, 10), density).eval()
-    small = shrink(model)
-    assert max_diff(model, small, torch.randn(32, 1, 28, 28)) < 1e-5
+    small = _shrunk(model, 32, 1, 28, 28)
     # Biases start at zero, so a unit with no incoming weights is constant 0: both rules apply to all.
     for producer, consumer in ((small.fc1, small.fc2), (small.fc2, small.fc3)):
         assert (producer.weight != 0).any(dim=1).all()
@@ -207,9 +205,8 @@ def test_lenet300_keeps_its_function_and_no_hidden_unit_is_dead(density: float) 
 def test_resnet20_keeps_its_function() -> None:
     torch.manual_seed(0)
     model = _randomize_(prune_(build_model("resnet20", 3, 32, 10), 0.05))
-    small = shrink(model)
+    small = _shrunk(model, 2, 3, 32, 32)
     assert type(small) is type(model)
-    assert max_diff(model, small, torch.randn(2, 3, 32, 32)) < 1e-5
 
 
 def test_a_weight_read_by_the_forward_itself_is_left_alone() -> None:
@@ -239,6 +236,5 @@ def test_one_relu_module_shared_by_all_layers_is_followed() -> None:
     with torch.no_grad():
         model.fc2.weight[:, 0] = 0
         model.fc3.weight[:, 1] = 0
-    small = shrink(model)
+    small = _shrunk(model, 3, 4)
     assert (small.fc1.out_features, small.fc2.out_features) == (5, 4)
-    assert max_diff(model, small, torch.randn(3, 4)) < 1e-5

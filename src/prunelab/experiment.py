@@ -75,12 +75,6 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"run {run_id} interrupted; {where}")
 
 
-def _stored(store: Store, rid: str) -> dict[str, Any] | None:
-    """The summary of a finished run, if the store has one."""
-    record = store.get(rid)
-    return record.summary if record is not None and record.status == "ok" else None
-
-
 def headline(cfg: RunConfig) -> dict[str, Any]:
     """The fields every summary and index row carries."""
     return {
@@ -107,12 +101,12 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
     if not world.is_main:
         return _follow(cfg, rid, runtime, data, world)
     store = Store(runtime.store)
-    cached = _stored(store, rid)
+    cached = store.finished(rid)
     if cached is not None:
         return world.share(cached), True
     # One process trains a run; another asking for it waits, then reads the result.
     with store.lock(rid):
-        cached = _stored(store, rid)
+        cached = store.finished(rid)
         if cached is not None:
             return world.share(cached), True
         folder = store.begin(rid, to_dict(cfg), headline(cfg))

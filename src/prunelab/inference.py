@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +39,14 @@ DEFAULT_MIN_WEIGHTS = 100_000
 
 _BETA_WARNING = "Sparse CSR tensor support is in beta"
 _TOLERANCE = 1e-5  # max abs difference allowed on example_input, per unit of output scale
+
+
+@contextmanager
+def _csr_beta_quiet() -> Iterator[None]:
+    """Silence torch's "sparse CSR support is in beta" warning, which says nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNING, category=UserWarning)
+        yield
 
 
 class SparseLinear(nn.Module):
@@ -62,8 +71,7 @@ class SparseLinear(nn.Module):
         """Store ``weight`` (out_features, in_features; dense, zeros dropped) and ``bias``."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNING, category=UserWarning)
+        with _csr_beta_quiet():
             csr = weight.detach().to_sparse_csr()
         # int32 indices: measured faster than int64 here (MKL's sparse BLAS is 32-bit indexed).
         self.register_buffer("crow_indices", csr.crow_indices().to(torch.int32))
@@ -88,8 +96,7 @@ class SparseLinear(nn.Module):
 
     def _refresh(self) -> None:
         """Rebuild the cached CSR tensor on the current buffers (a view of them: no copy)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNING, category=UserWarning)
+        with _csr_beta_quiet():
             self._csr = torch.sparse_csr_tensor(
                 self.crow_indices,
                 self.col_indices,

@@ -30,7 +30,7 @@ from prunelab.sparsity.allocate import ALLOCATIONS, allocate
 from prunelab.sparsity.mask import Masker, Masks, mask_sparsity, prunable_parameters
 from prunelab.sparsity.pai import random_scores
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.sparsity.scores import CRITERIA, Batch, Criterion, Scores
+from prunelab.sparsity.scores import CRITERIA, Batch, Criterion, Scores, magnitude
 
 SCOPES = Registry[str]("scope")
 for _scope in ALLOCATIONS:
@@ -165,8 +165,7 @@ class ProgressivePruner:
     def _update(self) -> None:
         if self.schedule.is_update(self.steps):
             density = 1.0 - self.schedule.sparsity_at(self.steps)
-            scores = {n: p.detach().abs() for n, p in self.masker.params.items()}
-            masks = allocate(scores, density, self.scope, self.masker.masks)
+            masks = allocate(magnitude(self.masker.params), density, self.scope, self.masker.masks)
             self.masker.set_masks(masks, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:

@@ -184,9 +184,8 @@ def _seed(ray: Any, store: Store, cfg: RunConfig, seeds: dict[str, Any]) -> Any:
         return None
     rid = run_id(dense)
     if rid not in seeds:
-        record = store.get(rid)
         # Not stored if its pretraining failed: the task then tries to train it, as a local run would.
-        seeds[rid] = ray.put(store.export_run(rid)) if record is not None and record.status == "ok" else None
+        seeds[rid] = ray.put(store.export_run(rid)) if store.finished(rid) is not None else None
     return seeds[rid]
 
 

@@ -364,10 +364,10 @@ class Store:
         """
         record = bundle.record
         _check_bundle(bundle)
-        if self._finished(record.run_id):
+        if self.finished(record.run_id) is not None:
             return False
         with self.lock(record.run_id):
-            if self._finished(record.run_id):  # imported or trained by another process meanwhile
+            if self.finished(record.run_id) is not None:  # imported or trained by another process meanwhile
                 return False
             folder = self.folder(record.run_id)
             for name, data in bundle.files.items():
@@ -388,9 +388,10 @@ class Store:
                 )
         return True
 
-    def _finished(self, run_id: str) -> bool:
+    def finished(self, run_id: str) -> dict[str, Any] | None:
+        """The summary of ``run_id`` if the store holds it finished (status ok), else None."""
         record = self.get(run_id)
-        return record is not None and record.status == "ok"
+        return record.summary if record is not None and record.status == "ok" else None
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         """Set a run's status (``failed``, ``interrupted``) with an optional error message."""

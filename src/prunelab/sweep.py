@@ -119,8 +119,8 @@ def pretraining(points: Sequence[Point]) -> list[RunConfig]:
     """The dense runs that pretrained methods will ask for, once each (they run first)."""
     needed: dict[str, RunConfig] = {}
     for p in points:
-        dense = pretrained_dense(p.cfg)
-        if dense is not None:
+        if p.pretrained:
+            dense = dense_config(p.cfg)
             needed.setdefault(run_id(dense), dense)
     return list(needed.values())
 
