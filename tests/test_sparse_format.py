@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from memory_cap import requires_proc, user_error_under_cap
 
 from prunelab.errors import UserError
 from prunelab.export import save_dense
@@ -352,3 +357,129 @@ def test_a_pickle_renamed_safetensors_is_never_unpickled(tmp_path: Path, dump: s
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_sparse(tmp_path / "nope.safetensors")
+
+
+# ---------------------------------------------------------------- decoding memory
+
+
+def _hand_made(path: Path, table: dict[str, dict], parts: dict[str, tuple[str, list[int], bytes]]) -> Path:
+    """A sparse file written byte by byte (8-byte little-endian header length, JSON header, data),
+    so that no tensor of the claimed size is ever built by the test."""
+    header: dict[str, object] = {}
+    data = b""
+    for name, (dtype, shape, raw) in parts.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["__metadata__"] = {"prunelab.format": "prunelab-sparse", "prunelab.format_version": "1",
+                              "prunelab.tensors": json.dumps(table)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def _empty_csr(name: str, shape: list[int], dtype: str = "bool") -> tuple[dict, dict]:
+    """The table entry and parts of an all-zero CSR tensor of ``shape`` (one row pointer pair)."""
+    entry = {"encoding": "csr", "shape": shape, "dtype": dtype, "negative_zeros": 0}
+    parts = {f"{name}::indptr": ("I64", [2], bytes(16)), f"{name}::indices": ("U8", [0], b""),
+             f"{name}::values": ({"bool": "BOOL", "float64": "F64"}[dtype], [0], b"")}
+    return {name: entry}, parts
+
+
+_LOAD = "from prunelab.sparse_format import load_sparse"
+
+
+@requires_proc
+@pytest.mark.parametrize(("shape", "dtype"), [([1, 2**32], "bool"), ([2**16, 2**13], "float64")])
+def test_a_tiny_file_cannot_make_decoding_allocate_gigabytes(tmp_path: Path, shape: list[int], dtype: str) -> None:
+    # 4 GiB of output, within the old limit on declared bytes, but the flags and int64
+    # temporaries of decoding it are several times that: refused before anything is allocated.
+    table, parts = _empty_csr("w", shape, dtype)
+    if shape[0] > 1:  # many rows: a longer row pointer part, still all zeros
+        parts["w::indptr"] = ("I64", [shape[0] + 1], bytes(8 * (shape[0] + 1)))
+    path = _hand_made(tmp_path / "bomb.safetensors", table, parts)
+    assert path.stat().st_size < 1 << 20
+    message = user_error_under_cap(_LOAD, "load_sparse(Path(sys.argv[1]))", str(path))
+    assert message.startswith(f"{path} is not a valid prunelab sparse file: decoding its csr tensor 'w' of "
+                              f"{dtype} {shape} would take up to ")
+    assert f"implausibly many for a {path.stat().st_size}-byte file (the limit is {4 << 30})" in message
+
+
+@requires_proc
+def test_the_limit_counts_the_tensors_decoded_before(tmp_path: Path) -> None:
+    # Eight 512 MiB tensors: each alone fits (1 GiB with its flags), all together do not.
+    table, parts = {}, {}
+    for i in range(8):
+        entry, stored = _empty_csr(f"t{i}", [1, 2**29])
+        table.update(entry)
+        parts.update(stored)
+    path = _hand_made(tmp_path / "many.safetensors", table, parts)
+    message = user_error_under_cap(_LOAD, "load_sparse(Path(sys.argv[1]))", str(path))
+    # t0..t5 leave 3 GiB decoded; t6 needs 1 GiB (and a few bytes) more: past 4 GiB.
+    assert "tensor 't6' of bool [1, 536870912]" in message and "implausibly many" in message
+
+
+def test_a_hand_made_file_within_the_limit_loads(tmp_path: Path) -> None:
+    table, parts = _empty_csr("w", [3, 5])
+    parts["w::indptr"] = ("I64", [4], bytes(32))
+    loaded = load_sparse(_hand_made(tmp_path / "ok.safetensors", table, parts))
+    assert same_bits(loaded["w"], torch.zeros(3, 5, dtype=torch.bool))
+
+
+_MEASURE = """
+import json, sys
+from pathlib import Path
+import safetensors, safetensors.torch
+from prunelab.sparse_format import _decode_bytes, load_sparse
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+for name in sys.argv[1:]:  # once unmeasured: torch's lazy one-off initialisations stay resident
+    load_sparse(Path(name))
+out = {}
+for name in sys.argv[1:]:
+    with safetensors.safe_open(name, "pt") as f:
+        table = json.loads(f.metadata()["prunelab.tensors"])
+    (tensor, entry), = table.items()
+    _, bound = _decode_bytes(safetensors.torch.load_file(name), tensor, entry)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        sys.exit(3)  # this kernel or container cannot reset the peak: the parent skips
+    before = status("VmRSS:")
+    state = load_sparse(Path(name))
+    out[name] = [status("VmHWM:") - before, bound, Path(name).stat().st_size]
+    del state
+print(json.dumps(out))
+"""
+
+
+@requires_proc
+def test_the_memory_bound_covers_what_decoding_really_takes(tmp_path: Path) -> None:
+    cases = {
+        "bitmask_f32": random_tensor((2**11, 2**11), torch.float32, 0.6, seed=0),
+        "csr_f32": random_tensor((2**11, 2**11), torch.float32, 0.999, seed=1),
+        "csr_bool": random_tensor((2**10, 2**12), torch.bool, 0.99, seed=2),
+        "bitmask_f16": random_tensor((2**22,), torch.float16, 0.7, seed=3),
+    }
+    paths = []
+    for name, t in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_sparse({name: t}, path)
+        assert stored_table(path)[0][name]["encoding"] == name.split("_")[0]
+        paths.append(str(path))
+    # Every allocation of 64 kB or more its own mmap, given back when freed: RSS sees what is live.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *paths], capture_output=True, text=True,
+                          timeout=300, env=env)
+    if done.returncode == 3:
+        pytest.skip("cannot reset the peak RSS through /proc/self/clear_refs here")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name, (peak, bound, size) in json.loads(done.stdout).items():
+        # Beyond the bound: the file's bytes and safetensors' copy of them, and allocator slack.
+        assert peak <= bound + 2 * size + (2 << 20), (name, peak, bound)
+        assert peak >= bound // 4, (name, peak, bound)  # the bound is not wildly loose

@@ -24,6 +24,20 @@ extra stored tensor counted with its header entry; ties go to dense.
 The header's string metadata holds ``prunelab.format``,
 ``prunelab.format_version``, ``prunelab.tensors`` (JSON: name -> encoding,
 shape, dtype, negative_zeros) and the caller's own entries.
+
+Loading bounds its memory. A CSR tensor of any shape takes a few bytes, so a
+hostile header could ask for terabytes. Before decoding anything,
+:func:`load_sparse` computes from the header an upper bound of the bytes each
+tensor's decoding allocates beyond the file's own tensors: its output, its
+1-byte flags (nonzeros; zero signs and negative zeros if it has any -0.0) and
+its temporaries (the check of its values; a CSR tensor's int64 row pointers,
+row ids and positions), all counted as if alive at once, on top of the
+outputs of the tensors decoded before it (see ``_decode_bytes``). The file is
+refused, naming the tensor, when that exceeds ``max(4 GiB, 4096 x the file's
+size)``: no real pruned model comes close, while a 453-byte file asking for a
+``[1, 2**32]`` tensor does. The decoder uses only operations whose memory
+that bound covers: masked scatters and fills, no boolean sums or boolean
+indexing, whose int64 temporaries are eight times the tensor.
 """
 
 from __future__ import annotations
@@ -56,10 +70,21 @@ _PARTS = {"dense": ("",), "bitmask": ("bits", "values"), "csr": ("indptr", "indi
 # A safetensors header entry ("NAME::values":{"dtype":..,"shape":[..],"data_offsets":[..,..]})
 # takes about this many bytes; counting it keeps tiny tensors dense.
 _ENTRY_BYTES = 96
-# A hostile header could describe a terabyte tensor whose CSR form takes a few
-# bytes; refuse to decode more than this many times the file's size (at least 4 GiB).
+# A hostile header could describe a terabyte tensor whose CSR form takes a few bytes; refuse
+# to let decoding allocate more than this many times the file's size (at least 4 GiB).
 _MAX_EXPANSION = 4096
 _MIN_DECODE_LIMIT = 4 << 30
+# Decoding memory per element of a bitmask or CSR tensor beyond its output: 1-byte flags for
+# the nonzeros and, when it has -0.0 among its zeros, for the unpacked signs and the negative zeros.
+_FLAG_BYTES = 1
+_SIGN_FLAG_BYTES = 2
+# Per stored value: the check that none is zero (its bits masked, then compared).
+_VALUE_CHECK_BYTES = 1
+# Per CSR nonzero: int64 row ids turned into positions, an int64 copy of the column
+# indices, and the check that positions rise. Per CSR row: int64 pointers, their
+# differences (and the flags checking them), and the cumulative sum repeat_interleave takes.
+_CSR_NNZ_BYTES = 8 + 8 + 1
+_CSR_ROW_BYTES = 8 + 8 + 1 + 8
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -130,13 +155,18 @@ def _bits(t: Tensor) -> Tensor:
     return t.reshape(-1).view(_BITS[t.element_size()])
 
 
+def _zero_flags(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """Which elements count as zero: all bits 0, or for floating types all but the sign bit."""
+    if dtype.is_floating_point:
+        return (bits & torch.iinfo(bits.dtype).max) == 0
+    return bits == 0
+
+
 def _zeros(bits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Which elements count as zero, and which of those are -0.0 (floating types only)."""
+    zero = _zero_flags(bits, dtype)
     if dtype.is_floating_point:
-        info = torch.iinfo(bits.dtype)
-        zero = (bits & info.max) == 0  # every bit but the sign bit is 0
-        return zero, zero & (bits == info.min)
-    zero = bits == 0
+        return zero, zero & (bits == torch.iinfo(bits.dtype).min)
     return zero, torch.zeros_like(zero)
 
 
@@ -289,6 +319,13 @@ def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
+def _valid_shape(shape: Any) -> bool:
+    """A list of counts whose nonzero ones multiply to an int64 (so torch can index and shape it)."""
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        return False
+    return math.prod(d for d in shape if d) <= torch.iinfo(torch.int64).max
+
+
 def _table(path: Path, meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """The per-tensor descriptions, every field checked."""
     try:
@@ -304,7 +341,7 @@ def _table(path: Path, meta: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             raise _bad(path, f"tensor {name!r} has the unknown encoding {entry['encoding']!r}")
         if entry["dtype"] not in _DTYPES:
             raise _bad(path, f"tensor {name!r} has the unknown dtype {entry['dtype']!r}")
-        if not isinstance(entry["shape"], list) or not all(_count(d) for d in entry["shape"]):
+        if not _valid_shape(entry["shape"]):
             raise _bad(path, f"tensor {name!r} has the invalid shape {entry['shape']!r}")
         # Only a sparse encoding of a floating type can have -0.0 among its zeros.
         can_have = entry["encoding"] != "dense" and _DTYPES[entry["dtype"]].is_floating_point
@@ -331,31 +368,75 @@ def _part(
     return t
 
 
+def _count_true(flags: Tensor) -> int:
+    """The number of set flags; numpy counts them in place, while torch's sum of a bool
+    tensor makes an int64 copy eight times its size."""
+    return int(np.count_nonzero(flags.numpy()))
+
+
 def _unpack(path: Path, stored: Mapping[str, Tensor], name: str, part: str, n: int) -> Tensor:
-    """``n`` flags from a packed-bits part; padding bits must be 0."""
-    flags = np.unpackbits(_part(path, stored, name, part, (torch.uint8,), _packed(n)).numpy())
-    if flags[n:].any():
+    """``n`` flags (1 byte each) from a packed-bits part; padding bits must be 0."""
+    packed = _part(path, stored, name, part, (torch.uint8,), _packed(n)).numpy()
+    if n % 8 and packed[-1] & (0xFF >> (n % 8)):  # the last byte's bits after the n-th
         raise _bad(path, f"tensor {name!r} has padding bits set in its {part}")
-    return torch.from_numpy(flags[:n].astype(bool))
+    return torch.from_numpy(np.unpackbits(packed, count=n).view(bool))
 
 
-def _csr_keep(path: Path, stored: Mapping[str, Tensor], name: str, shape: Sequence[int]) -> Tensor:
-    """The nonzero flags a CSR tensor describes, after checking its pointers and indices."""
+def _csr_positions(path: Path, stored: Mapping[str, Tensor], name: str, shape: Sequence[int]) -> Tensor:
+    """The flat positions of a CSR tensor's nonzeros, after checking its pointers and indices."""
     numel = math.prod(shape)
     rows, cols = _grid(shape)
     indptr = _part(path, stored, name, "indptr", _POINTER_DTYPES, rows + 1).to(torch.int64)
     counts = indptr.diff()
-    if int(indptr[0]) != 0 or bool((counts < 0).any()) or int(indptr[-1]) > numel:
+    nnz = int(indptr[-1])
+    if int(indptr[0]) != 0 or bool((counts < 0).any()) or nnz > numel:
         raise _bad(path, f"tensor {name!r} has row pointers that do not rise from 0 to at most {numel}")
-    indices = _part(path, stored, name, "indices", _INDEX_DTYPES, int(indptr[-1])).to(torch.int64)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= cols):
+    indices = _part(path, stored, name, "indices", _INDEX_DTYPES, nnz)
+    if nnz and (int(indices.min()) < 0 or int(indices.max()) >= cols):
         raise _bad(path, f"tensor {name!r} has a column index outside 0..{cols - 1}")
-    position = torch.repeat_interleave(torch.arange(rows), counts) * cols + indices
-    if bool((position.diff() <= 0).any()):
+    position = torch.repeat_interleave(counts).mul_(cols).add_(indices)  # row id * cols + column
+    if bool((position[1:] <= position[:-1]).any()):
         raise _bad(path, f"tensor {name!r} has column indices that do not rise within a row")
-    keep = torch.zeros(numel, dtype=torch.bool)
-    keep[position] = True
-    return keep
+    return position
+
+
+def _csr_keep(path: Path, stored: Mapping[str, Tensor], name: str, shape: Sequence[int]) -> Tensor:
+    """The nonzero flags a CSR tensor describes."""
+    keep = torch.zeros(math.prod(shape), dtype=torch.bool)
+    return keep.index_fill_(0, _csr_positions(path, stored, name, shape), True)
+
+
+def _decode_bytes(stored: Mapping[str, Tensor], name: str, entry: Mapping[str, Any]) -> tuple[int, int]:
+    """(bytes of the decoded tensor, most bytes its decoding allocates, output included), from sizes alone.
+
+    Dense tensors are returned as loaded, so they cost nothing more. The bound is
+    what the decoder's operations allocate, every temporary counted as alive at once.
+    """
+    if entry["encoding"] == "dense":
+        return 0, 0
+    numel, item = math.prod(entry["shape"]), _DTYPES[entry["dtype"]].itemsize
+    flags = _FLAG_BYTES + (_SIGN_FLAG_BYTES if entry["negative_zeros"] else 0)
+    nnz = stored[f"{name}{_SEP}values"].numel()
+    peak = numel * (item + flags) + nnz * (item + _VALUE_CHECK_BYTES)
+    if entry["encoding"] == "csr":
+        rows, _ = _grid(entry["shape"])
+        indices = stored[f"{name}{_SEP}indices"].numel()
+        peak += indices * _CSR_NNZ_BYTES + (rows + 1) * _CSR_ROW_BYTES
+    return numel * item, peak
+
+
+def _check_memory(path: Path, table: Mapping[str, Mapping[str, Any]], stored: Mapping[str, Tensor],
+                  file_size: int) -> None:
+    """Refuse, naming the tensor, a file whose decoding would allocate more than the limit."""
+    limit = max(_MIN_DECODE_LIMIT, _MAX_EXPANSION * file_size)
+    decoded = 0
+    for name, entry in table.items():
+        size, peak = _decode_bytes(stored, name, entry)
+        if decoded + peak > limit:
+            raise _bad(path, f"decoding its {entry['encoding']} tensor {name!r} of {entry['dtype']} "
+                             f"{entry['shape']} would take up to {decoded + peak} bytes of memory, "
+                             f"implausibly many for a {file_size}-byte file (the limit is {limit})")
+        decoded += size
 
 
 def _decode(path: Path, stored: Mapping[str, Tensor], name: str, entry: Mapping[str, Any]) -> Tensor:
@@ -372,19 +453,28 @@ def _decode(path: Path, stored: Mapping[str, Tensor], name: str, entry: Mapping[
         keep = _unpack(path, stored, name, "bits", numel)
     else:
         keep = _csr_keep(path, stored, name, shape)
-    nnz = int(keep.sum())
+    nnz = _count_true(keep)
     values = _bits(_part(path, stored, name, "values", (dtype,), nnz))
-    if bool(_zeros(values, dtype)[0].any()):
+    if bool(_zero_flags(values, dtype).any()):
         raise _bad(path, f"tensor {name!r} lists a zero among its nonzero values")
     bits = torch.zeros(numel, dtype=values.dtype)
-    bits[keep] = values
+    bits.masked_scatter_(keep, values)  # unlike bits[keep] = values, no int64 index of the nonzeros
     if entry["negative_zeros"]:
-        signs = _unpack(path, stored, name, "zero_signs", numel - nnz)
-        if int(signs.sum()) != entry["negative_zeros"]:
-            raise _bad(path, f"tensor {name!r} has {int(signs.sum())} zero signs set, "
-                             f"not the {entry['negative_zeros']} its description says")
-        bits[(~keep).nonzero().reshape(-1)[signs]] = torch.iinfo(bits.dtype).min  # the sign bit alone: -0.0
+        _restore_negative_zeros(path, stored, name, entry, bits, keep)
     return bits.view(dtype).reshape(shape)
+
+
+def _restore_negative_zeros(
+    path: Path, stored: Mapping[str, Tensor], name: str, entry: Mapping[str, Any], bits: Tensor, keep: Tensor
+) -> None:
+    """Set the sign bit of the zeros that ``zero_signs`` marks; ``keep`` (the nonzero flags) is used up."""
+    zero = torch.logical_not(keep, out=keep)  # in place: the flags now mark the zeros
+    signs = _unpack(path, stored, name, "zero_signs", _count_true(zero))
+    if _count_true(signs) != entry["negative_zeros"]:
+        raise _bad(path, f"tensor {name!r} has {_count_true(signs)} zero signs set, "
+                         f"not the {entry['negative_zeros']} its description says")
+    negative = torch.zeros_like(zero).masked_scatter_(zero, signs)
+    bits.masked_fill_(negative, torch.iinfo(bits.dtype).min)  # the sign bit alone: -0.0
 
 
 def _load_into(path: Path, model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -403,7 +493,9 @@ def load_sparse(path: Path, model: nn.Module | None = None) -> dict[str, Tensor]
 
     With ``model``, the state is also loaded into it (strictly). Never
     unpickles; every header field is checked, and a damaged, truncated,
-    tampered or foreign file raises :class:`UserError` naming the file.
+    tampered or foreign file raises :class:`UserError` naming the file, as does
+    one whose decoding would allocate more than ``max(4 GiB, 4096 x its size)``
+    (see the module docstring).
     """
     path = Path(path)
     data = _read(path)
@@ -417,9 +509,7 @@ def load_sparse(path: Path, model: nn.Module | None = None) -> dict[str, Tensor]
     names = [s for name, entry in table.items() for s in _stored_names(name, entry)]
     if len(set(names)) != len(names) or set(names) != set(stored):
         raise _bad(path, "its stored tensors do not match its description")
-    declared = sum(math.prod(e["shape"]) * _DTYPES[e["dtype"]].itemsize for e in table.values())
-    if declared > max(_MIN_DECODE_LIMIT, _MAX_EXPANSION * len(data)):
-        raise _bad(path, f"it describes {declared} bytes of tensors, implausibly many for a {len(data)}-byte file")
+    _check_memory(path, table, stored, len(data))
     state = {name: _decode(path, stored, name, entry) for name, entry in table.items()}
     if model is not None:
         _load_into(path, model, state)

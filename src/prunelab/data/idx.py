@@ -6,15 +6,24 @@ big-endian. The files are usually gzipped; compression is recognised by the
 gzip magic bytes, never by the file name, so a decompressed copy that kept its
 ``.gz`` name (or the reverse) still reads.
 
-Reading never trusts the header: the payload is read in chunks and at most one
-byte more than the header promises, so a hostile header claiming terabytes
-costs nothing but an error.
+Reading never trusts the header. Before anything is allocated, the data size
+the dimensions declare is checked against :data:`MAX_DATA_BYTES` (2 GiB: no
+real dataset in this format comes close, Fashion-MNIST's training images are
+47 MB), the zero dimensions aside, so that ``0 x 4294967295 x 4294967295`` is
+refused too while an empty ``0 x 28 x 28`` file reads as an empty array. A
+plain file's declared size must also match the file's own size. A gzipped file
+cannot be sized without decompressing it, so the limit is its only guard: a
+gzip bomb whose header truthfully announces gigabytes is refused before a byte
+of its data is decompressed. The payload is then read in chunks and at most
+one byte more than the header promises, so the memory held is bounded by what
+the file really contains, and byte-swapped in place (no second copy).
 """
 
 from __future__ import annotations
 
 import gzip as gzip_module
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -36,6 +45,8 @@ _DTYPES: dict[int, np.dtype] = {
     0x0E: np.dtype(">f8"),
 }
 _MAX_NDIM = 4
+# The most data bytes a header may declare (zero dimensions aside); see the module docstring.
+MAX_DATA_BYTES = 2 << 30
 # Big enough to amortise Python overhead, small enough that a truncated file
 # never makes us hold much more than it contains.
 _CHUNK = 8 << 20
@@ -49,7 +60,8 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (plain or gzipped) into an array in native byte order.
 
     Raises :class:`UserError` naming ``path`` if the file is missing, is not
-    IDX, or its payload does not have exactly the size its header announces.
+    IDX, declares more than :data:`MAX_DATA_BYTES` of data, or its payload
+    does not have exactly the size its header announces.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,7 +71,7 @@ def read_idx(path: Path) -> np.ndarray:
             compressed = probe.read(2) == GZIP_MAGIC
         opener = gzip_module.open if compressed else open
         with opener(path, "rb") as stream:
-            return _parse(stream)
+            return _parse(stream, None if compressed else os.fstat(stream.fileno()).st_size)
     except _Invalid as exc:
         raise UserError(f"{path} is not a valid IDX file: {exc}") from None
     # Corrupt gzip streams surface as OSError (BadGzipFile), EOFError or zlib.error.
@@ -67,14 +79,46 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a valid IDX file: {exc}") from None
 
 
-def _parse(stream: BinaryIO) -> np.ndarray:
-    """Parse header and payload from an open binary stream."""
+def _parse(stream: BinaryIO, file_size: int | None) -> np.ndarray:
+    """Parse header and payload from an open binary stream.
+
+    ``file_size`` is the size of a plain file, None for a compressed stream.
+    """
     dtype, dims = _read_header(stream)
     expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
-    payload = _read_exactly(stream, expected)
+    if file_size is not None:
+        _check_file_size(expected, file_size - 4 - 4 * len(dims))
+    _check_limit(dtype, dims)
+    return _to_array(_read_exactly(stream, expected), dtype, dims)
+
+
+def _check_file_size(expected: int, found: int) -> None:
+    """Compare a plain file's payload size with the header's claim, before reading it."""
+    if found < expected:
+        raise _Invalid(f"truncated (expected {expected} bytes of data, found {found})")
+    if found > expected:
+        raise _Invalid(f"trailing data (expected {expected} bytes of data, found {found})")
+
+
+def _check_limit(dtype: np.dtype, dims: tuple[int, ...]) -> None:
+    """Refuse dimensions whose data, zero dimensions aside, would exceed :data:`MAX_DATA_BYTES`."""
+    size = math.prod(d for d in dims if d) * dtype.itemsize
+    if size > MAX_DATA_BYTES:
+        shape = " x ".join(map(str, dims))
+        aside = ", not counting its zero dimensions" if 0 in dims else ""
+        raise _Invalid(
+            f"its dimensions {shape} describe {size} bytes of data{aside}, "
+            f"more than the {MAX_DATA_BYTES} bytes this reader accepts"
+        )
+
+
+def _to_array(payload: bytearray, dtype: np.dtype, dims: tuple[int, ...]) -> np.ndarray:
+    """The payload as an array of ``dims`` in native byte order, sharing the buffer."""
     array = np.frombuffer(payload, dtype=dtype).reshape(dims)
-    # Torch refuses non-native byte order; uint8 (the common case) needs no copy.
-    return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
+    if dtype.isnative:  # single bytes (the common case) and big-endian machines
+        return array
+    # Torch refuses non-native byte order; swap in place rather than copy.
+    return array.byteswap(inplace=True).view(dtype.newbyteorder("="))
 
 
 def _read_header(stream: BinaryIO) -> tuple[np.dtype, tuple[int, ...]]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from prunelab.errors import UserError
 from prunelab.registry import Registry
 
 if TYPE_CHECKING:
@@ -79,6 +80,14 @@ def register_method(
         return run
 
     return decorate
+
+
+def check_counts(settings: object, minimum: int, *names: str) -> None:
+    """One sentence if a count field of ``settings`` (None allowed: "use the default") is below ``minimum``."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < minimum:
+            raise UserError(f"method.{name} must be at least {minimum}, got {value}")
 
 
 def settings_help(settings: type) -> list[tuple[str, str, str]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import Plan, register_method
+from prunelab.methods.base import Plan, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import PAI_SCORES, prune_by
 from prunelab.sparsity.allocate import global_masks
@@ -32,6 +32,9 @@ class CyclicSettings:
     temperature: float = field(default=200.0, metadata={"help": "grasp: softmax temperature"})
     samples_per_class: int = field(default=10, metadata={"help": "grasp: training images per class"})
     iterations: int = field(default=100, metadata={"help": "synflow: pruning iterations"})
+
+    def __post_init__(self) -> None:
+        check_counts(self, 1, "samples_per_class", "iterations")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prunelab.methods.base import NoSettings, register_method
+from prunelab.methods.base import NoSettings, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 
@@ -31,12 +31,18 @@ class GraspSettings:
     temperature: float = field(default=200.0, metadata={"help": "softmax temperature on the logits"})
     samples_per_class: int = field(default=10, metadata={"help": "training images per class"})
 
+    def __post_init__(self) -> None:
+        check_counts(self, 1, "samples_per_class")
+
 
 @dataclass(frozen=True)
 class SynflowSettings:
     """SynFlow's iterations (Tanaka et al. 2020)."""
 
     iterations: int = field(default=100, metadata={"help": "pruning iterations, density d^(k/n)"})
+
+    def __post_init__(self) -> None:
+        check_counts(self, 1, "iterations")
 
 
 def _allocation(name: str, unless: tuple[str, ...]) -> Callable[[RunConfig], RunConfig]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import Plan, register_method
+from prunelab.methods.base import Plan, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import TRAINED_SCORES, prune_by
 from prunelab.sparsity.schedules import ITERATIVE_SCHEDULES, iterative_sparsities
@@ -35,6 +35,9 @@ class OneShotSettings:
     patience: int = field(default=0, metadata={"help": "early-stopping patience in epochs (0: fixed epochs)"})
     min_delta: float = field(default=0.0, metadata={"help": "validation-accuracy gain that counts as improvement"})
 
+    def __post_init__(self) -> None:
+        check_counts(self, 1, "batches")
+
 
 @dataclass(frozen=True)
 class IterativeSettings(OneShotSettings):
@@ -51,6 +54,10 @@ class IterativeSettings(OneShotSettings):
     step_epochs: int | None = field(
         default=None, metadata={"help": "hybrid: fine-tuning epochs after each later step (None: train.epochs // 10)"}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_counts(self, 0, "step_epochs")
 
 
 def _check(cfg: RunConfig) -> RunConfig:
