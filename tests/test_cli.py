@@ -108,7 +108,7 @@ def test_missing_dataset_without_download(tmp_path: Path, monkeypatch, capsys) -
     code = main(["run", "--dataset", "mnist", "--epochs", "1", "--store", str(tmp_path / "s"),
                  "--data-dir", str(tmp_path), "--no-download", "--no-progress"])
     assert code == 2
-    assert "could not find the mnist files" in capsys.readouterr().err
+    assert "does not hold the mnist files" in capsys.readouterr().err
 
 
 def test_show_unknown_run(tmp_path: Path, capsys) -> None:

@@ -83,8 +83,7 @@ def _missing_no_download(root: Path) -> list[str]:
 
 
 def _missing_no_network(root: Path) -> list[str]:
-    (root / "empty").mkdir()
-    return ["--dataset", "mnist", "--data-dir", str(root / "empty")]
+    return ["--dataset", "mnist"]  # not in $PRUNELAB_CACHE (empty) nor the system folder: a download
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
@@ -99,8 +98,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "yaml-negative-lr": (_yaml("train:\n  lr: -0.1\n"), "train.lr"),
     "yaml-malformed": (_yaml("train: [unclosed\n"), "is not valid YAML"),
     "yaml-not-a-mapping": (_yaml("- a\n- b\n"), "must hold a mapping"),
-    "missing-dataset-no-download": (_missing_no_download, "could not find the mnist files"),
-    "missing-dataset-no-network": (_missing_no_network, "mnist"),
+    "missing-dataset-no-download": (_missing_no_download, "does not hold the mnist files"),
+    "missing-dataset-no-network": (_missing_no_network, "you seem to be offline"),
 }
 
 

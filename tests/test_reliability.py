@@ -184,6 +184,12 @@ def test_twenty_random_kills_resume_bit_identical(tmp_path: Path) -> None:
     assert [o.differences for o in outcomes] == [[], [], []]
 
 
+
+def _sentences(stderr: str) -> list[str]:
+    """stderr less the line every run starts with (its data and split sizes)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("prunelab: data:")]
+
+
 @pytest.mark.parametrize("point", ["checkpoint", "store"])
 def test_full_disk_is_one_sentence_and_loses_nothing(tiny_data_dir: Path, tmp_path: Path, point: str) -> None:
     reference = _cli(tmp_path / "ref", tiny_data_dir)
@@ -191,7 +197,7 @@ def test_full_disk_is_one_sentence_and_loses_nothing(tiny_data_dir: Path, tmp_pa
     store = tmp_path / "store"
     full = _cli(store, tiny_data_dir, fault=f"enospc:{point}:2" if point == "checkpoint" else "enospc:store:1",
                 check=False)
-    lines = full.stderr.strip().splitlines()
+    lines = _sentences(full.stderr)
     assert full.returncode == 2 and len(lines) == 1 and "Traceback" not in full.stderr
     assert "No space left on device" in lines[0]
     assert _status(store, rid) == "failed"
@@ -208,7 +214,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_says_how_to_resume(tiny_data_dir: Path, 
     rid = reference.summary["run_id"]
     store = tmp_path / "store"
     stopped = _cli(store, tiny_data_dir, fault="sigint:step:40", check=False)  # in the third epoch
-    lines = stopped.stderr.strip().splitlines()
+    lines = _sentences(stopped.stderr)
     assert stopped.returncode == 130 and len(lines) == 1 and "Traceback" not in stopped.stderr
     assert lines[0] == (f"prunelab: run {rid} interrupted; its checkpoint checkpoint-000002.pt is kept; "
                         "run the same command again to resume from it")

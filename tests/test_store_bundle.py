@@ -18,7 +18,7 @@ def exported(tiny_data_dir: Path, tmp_path: Path) -> RunBundle:
     """A finished 1-epoch progressive run, exported from the store it was trained in."""
     cfg = build_config({"method.name": "progressive", "train.epochs": 1, "data.val_size": 200,
                         "train.batch_size": 100})
-    runtime = Runtime(store=tmp_path / "a", data_dir=tiny_data_dir, threads=1, progress=False, download=False)
+    runtime = Runtime(store=tmp_path / "a", data_dir=tiny_data_dir, progress=False, download=False)
     summary, _ = run(cfg, runtime)
     return Store(tmp_path / "a").export_run(summary["run_id"])
 

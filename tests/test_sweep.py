@@ -10,7 +10,7 @@ import pytest
 
 from prunelab.cli import main
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime
+from prunelab.experiment import Runtime, data_identities
 from prunelab.store import Store
 from prunelab.sweep import LocalExecutor, expand, pretraining, read_sweep, sweep
 
@@ -78,7 +78,7 @@ def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -
 
 def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path) -> None:
     points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}")))
-    assert len(pretraining(points)) == 1
+    assert len(pretraining(points, data_identities(["fashion-mnist"], Runtime(data_dir=tiny_data_dir)))) == 1
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed, result.pretrained) == (6, 0, 1)
     store = Store(tmp_path / "store")
@@ -89,14 +89,22 @@ def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path)
             assert r.summary is not None and r.summary["reused_runs"] == [dense[0].run_id]
 
 
-def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "empty-cache"))
-    points = expand(read_sweep(_write(tmp_path, "{dataset: [fashion-mnist, mnist], method: [dense]}")))
+def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: Path) -> None:
+    points = expand(read_sweep(_write(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}")))
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed) == (1, 1)
     failed = [r for r in Store(tmp_path / "store").records() if r.status == "failed"]
-    assert len(failed) == 1 and failed[0].dataset == "mnist" and "could not find the mnist files" in failed[0].error
+    assert len(failed) == 1 and "every prunable layer" in (failed[0].error or "")
     assert list(result.errors) == [failed[0].run_id]
+
+
+def test_a_dataset_that_cannot_be_found_stops_the_sweep_before_anything_trains(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    points = expand(read_sweep(_write(tmp_path, "{dataset: [fashion-mnist, mnist], method: [dense]}")))
+    with pytest.raises(UserError, match="does not hold the mnist files"):
+        sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
+    assert not (tmp_path / "store").exists() or not Store(tmp_path / "store").records()
 
 
 def test_cli_sweep_json_and_dry_run(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:

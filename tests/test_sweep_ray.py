@@ -15,11 +15,11 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prun
 
 import prunelab.ray_executor  # noqa: E402 (after the skip)
 from prunelab.cli import main  # noqa: E402
-from prunelab.config import RunConfig, run_id  # noqa: E402
-from prunelab.experiment import Runtime  # noqa: E402
+from prunelab.config import RunConfig  # noqa: E402
+from prunelab.experiment import Runtime, data_identities, identify  # noqa: E402
 from prunelab.ray_executor import RayExecutor, run_in_temp_store  # noqa: E402
 from prunelab.store import BUNDLE_FILES, RunBundle, Store  # noqa: E402
-from prunelab.sweep import Outcome, expand, pretrained_dense, read_sweep, sweep  # noqa: E402
+from prunelab.sweep import Outcome, expand, identified, pretrained_dense, read_sweep, sweep  # noqa: E402
 
 BASE = "epochs: 1, data.val_size: 200, train.batch_size: 100"
 
@@ -40,7 +40,7 @@ def _sweep_file(tmp_path: Path, grid: str, name: str = "sweep.yaml") -> Path:
 
 
 def _runtime(tmp_path: Path, data: Path) -> Runtime:
-    return Runtime(store=tmp_path / "store", data_dir=data, threads=1, progress=False, download=False)
+    return Runtime(store=tmp_path / "store", data_dir=data, progress=False, download=False)
 
 
 def _configs(path: Path) -> list[RunConfig]:
@@ -54,7 +54,7 @@ def test_ray_sweep_stores_runs_skips_them_again_and_matches_local(tiny_data_dir:
     on_ray = ["sweep", str(path), "--executor", "ray", "--store", str(tmp_path / "ray"), *common]
     assert main(on_ray) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first == {"runs": 4, "done": 4, "skipped": 0, "failed": 0, "pretrained": 0, "errors": {}}
+    assert first == {"runs": 4, "done": 4, "skipped": 0, "failed": 0, "diverged": 0, "pretrained": 0, "errors": {}}
     records = Store(tmp_path / "ray").records()
     assert len(records) == 4 and all(r.status == "ok" and r.summary is not None for r in records)
     for r in records:
@@ -113,6 +113,7 @@ def test_pruned_runs_reuse_the_stored_dense_run_on_the_worker(tiny_data_dir: Pat
     monkeypatch.setattr(Store, "import_run", lambda self, bundle: imported.append(bundle.record.run_id)
                         or import_run(self, bundle))
     points = expand(read_sweep(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5, 0.8]}", "more.yaml")))
+    points, _ = identified(points, runtime)  # the ids on the tiny data
     second = sweep(points, runtime, RayExecutor())
     assert (second.done, second.skipped, second.failed, second.pretrained) == (1, 1, 0, 0)
     assert imported == [points[1].run_id]
@@ -125,7 +126,8 @@ def test_a_task_without_its_dense_run_trains_it_and_sends_it_back(tiny_data_dir:
     [cfg] = _configs(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5]}"))
     dense = pretrained_dense(cfg)
     assert dense is not None
-    outcome, made = run_in_temp_store(cfg, _runtime(tmp_path, tiny_data_dir), None)  # in this process
-    assert outcome == Outcome(run_id(cfg), "ok")
-    assert sorted(b.record.run_id for b in made) == sorted([run_id(cfg), run_id(dense)])
+    runtime = data_identities(["fashion-mnist"], _runtime(tmp_path, tiny_data_dir))
+    outcome, made = run_in_temp_store(cfg, runtime, None)  # in this process
+    assert outcome == Outcome(identify(cfg, runtime), "ok")
+    assert sorted(b.record.run_id for b in made) == sorted([identify(cfg, runtime), identify(dense, runtime)])
     assert all(b.record.status == "ok" and "weights.pt" in b.files for b in made)

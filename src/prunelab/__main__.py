@@ -2,6 +2,6 @@
 
 import sys
 
-from prunelab.cli import main
+from prunelab.cli import console
 
-sys.exit(main())
+sys.exit(console())

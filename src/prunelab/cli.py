@@ -7,18 +7,21 @@ Ctrl-C ends with status 130 and says how to resume.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from prunelab.errors import UserError
+from prunelab.errors import Diverged, UserError
+from prunelab.io import json_text
 
-FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size")
+FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size", "threads")
 # Flags of `prunelab run` for config fields without a short alias: argparse dest -> config key.
 FIELD_FLAGS = {"precision": "train.precision", "channels_last": "train.channels_last"}
 # prunelab.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
@@ -70,6 +73,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed; default 0")
     run.add_argument("--lr", type=float, help="learning rate; default 0.1")
     run.add_argument("--batch-size", type=int, help="batch size; default 128")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads of the run (train.threads); default 1; another count is another run id")
     run.add_argument("--precision", metavar="{fp32,bf16}",
                      help="bf16: forward pass and loss under bfloat16 autocast (CPU or CUDA); default fp32")
     run.add_argument("--channels-last", action="store_true", default=None,
@@ -81,6 +86,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sw.add_argument("file", type=Path, help="YAML with 'base' and 'grid' sections")
     sw.add_argument("--workers", type=int, default=None, help="worker processes; default one per core")
     sw.add_argument("--dry-run", action="store_true", help="list the runs and their estimated cost, run nothing")
+    sw.add_argument("--threads", type=int,
+                    help="CPU threads of every run (train.threads for every grid point); default 1")
+    sw.add_argument("--max-points", type=int, metavar="N",
+                    help="refuse a grid of more than N points; default 10000")
     sw.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="local: worker processes here; ray: one Ray task per run (needs prunelab[ray])")
     sw.add_argument("--address", help="ray: the cluster to use, 'auto' or HOST:PORT; default: start Ray here")
@@ -95,6 +104,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                      help="keep runs whose field equals value, e.g. --where model=lenet300 (repeatable)")
     rep.add_argument("--layer-sparsity", type=float, help="sparsity for the per-layer and mask-overlap plots")
     _add_runtime(rep)
+
+    sto = sub.add_parser("store", help="maintain a store: rebuild its index from the run folders")
+    sto.add_argument("action", choices=["rebuild"],
+                     help="rebuild: set a damaged index aside and rebuild it from the run folders")
+    _add_runtime(sto)
 
     lst = sub.add_parser("list", help="list methods, models, datasets or stored runs")
     lst.add_argument("what", choices=["methods", "models", "datasets", "runs"])
@@ -122,7 +136,6 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="folder holding the dataset files (checked first)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto (CUDA when present, else CPU), cpu or cuda; default auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads per run; default: cores (divided among workers)")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -130,13 +143,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 def _runtime(args: argparse.Namespace) -> Any:
     from prunelab.experiment import Runtime
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     return Runtime(
         store=_store_dir(args.store),
         data_dir=args.data_dir,
         device=args.device,
-        threads=args.threads,
         progress=False if args.no_progress else None,
         download=not args.no_download,
     )
@@ -166,20 +176,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not world.is_main:
         return 0
     if cached:
-        print(f"run {summary['run_id']} is already in the store; showing its stored result", file=sys.stderr)
+        print(f"run {summary['run_id']} is already in the store (its files pass their checksums); "
+              "showing its stored result", file=sys.stderr)
     _print_summary(summary, args.json)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from prunelab.store import Store
-    from prunelab.sweep import expand, pretraining, read_sweep, sweep
+    from prunelab.sweep import expand, identified, pretraining, read_sweep, sweep
 
     executor = _sweep_executor(args)
-    points = expand(read_sweep(args.file))
+    spec = read_sweep(args.file)
+    if args.threads is not None:  # for every grid point, as if the sweep file's base said so
+        spec = replace(spec, base={**spec.base, "train.threads": args.threads})
+    points = expand(spec, args.max_points)
     runtime = _runtime(args)
     if args.dry_run:
-        _print_plan(points, pretraining(points), Store(runtime.store), args.json)
+        points, runtime = identified(points, runtime)
+        _print_plan(points, pretraining(points, runtime), Store.reader(runtime.store), args.json)
         return 0
     session: AbstractContextManager[None] = nullcontext()
     if args.executor == "ray":
@@ -191,11 +206,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for rid, error in result.errors.items():
         print(f"run {rid} failed: {error}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.as_dict(), sort_keys=True))
+        print(json_text(result.as_dict()))
     else:
-        print(f"{result.runs} grid points: {result.done} done, {result.skipped} skipped, {result.failed} failed"
+        print(f"{result.runs} grid points: {result.done} done, {result.skipped} skipped, {result.failed} failed, "
+              f"{result.diverged} diverged"
               + (f" ({result.pretrained} dense pretraining runs trained first)" if result.pretrained else ""))
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.diverged else 0
 
 
 def _sweep_executor(args: argparse.Namespace) -> Any:
@@ -220,9 +236,7 @@ def _sweep_executor(args: argparse.Namespace) -> Any:
     return RayExecutor(cpus, gpus, args.address)
 
 
-def _print_plan(points: list[Any], shared: list[Any], store: Any, as_json: bool) -> None:
-    from prunelab.config import run_id
-
+def _print_plan(points: list[Any], shared: dict[str, Any], store: Any, as_json: bool) -> None:
     stored = {r.run_id for r in store.records() if r.status == "ok"}
     rows, seen = [], set()
     for p in points:
@@ -230,13 +244,13 @@ def _print_plan(points: list[Any], shared: list[Any], store: Any, as_json: bool)
         seen.add(p.run_id)
         rows.append({"run_id": p.run_id, "method": p.cfg.method.name, "model": p.cfg.model.name,
                      "sparsity": p.cfg.prune.sparsity, "seed": p.cfg.seed, "epochs": p.epochs, "state": state})
-    new_dense = [c for c in shared if run_id(c) not in stored]
+    new_dense = {rid: c for rid, c in shared.items() if rid not in stored}
     # Pretraining is trained once for all the runs that share it.
     epochs = sum(r["epochs"] - (p.cfg.train.epochs if p.pretrained else 0)
                  for r, p in zip(rows, points) if r["state"] == "to run")
-    epochs += sum(c.train.epochs for c in new_dense if run_id(c) not in {r["run_id"] for r in rows})
+    epochs += sum(c.train.epochs for rid, c in new_dense.items() if rid not in {r["run_id"] for r in rows})
     if as_json:
-        print(json.dumps({"runs": rows, "estimated_epochs": epochs}))
+        print(json_text({"runs": rows, "estimated_epochs": epochs}))
         return
     _print_table(rows)
     print(f"estimated training: {epochs:g} epochs (at most that many dense-epoch equivalents), "
@@ -254,7 +268,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         where[key.strip()] = value.strip()
     paths = write_report(_store_dir(args.store), args.out, where, args.layer_sparsity)
     if args.json:
-        print(json.dumps([str(p) for p in paths]))
+        print(json_text([str(p) for p in paths]))
     else:
         print(f"wrote {len(paths)} files to {args.out} (open {args.out / 'report.html'})")
     return 0
@@ -279,9 +293,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         from prunelab.store import Store
 
         rows = [_run_row(r.run_id, r.status, r.summary or {}, r.method, r.model, r.dataset, r.target_sparsity,
-                         r.seed) for r in Store(_store_dir(args.store)).records()]
+                         r.seed) for r in Store.reader(_store_dir(args.store)).records()]
     if args.json:
-        print(json.dumps(rows))
+        print(json_text(rows))
     elif args.what == "methods":
         for r in rows:
             settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "no settings"
@@ -297,6 +311,21 @@ def _run_row(rid: str, status: str, s: dict[str, Any], method: str, model: str, 
             "target": target, "seed": seed, "sparsity": s.get("sparsity"), "test_acc": s.get("test_acc")}
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from prunelab.store import Store
+
+    store, found = Store.repaired(_store_dir(args.store))
+    by_status: dict[str, int] = {}
+    for record in store.records():
+        by_status[record.status] = by_status.get(record.status, 0) + 1
+    if args.json:
+        print(json_text({"runs": found, "status": by_status}))
+    else:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no runs"
+        print(f"rebuilt the index of {store.root} from {found} run folders: {counts}")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from prunelab.data import load_splits
 
@@ -308,9 +337,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from prunelab.store import Store
 
-    store = Store(_store_dir(args.store))
+    store = Store.reader(_store_dir(args.store))
     record = store.get(store.resolve_id(args.run_id))
     assert record is not None
+    if record.status == "ok" and record.summary is not None:
+        store.verify(record)  # never show a result whose files were changed
+    if record.status == "diverged" and record.summary is not None:
+        s = record.summary
+        raise Diverged(f"run {record.run_id} is stored as diverged: {s.get('error')}", s.get("epoch"), s.get("step"))
     if record.summary is None:
         raise UserError(f"run {record.run_id} has no result yet (status {record.status}"
                         + (f": {record.error}" if record.error else "") + ")")
@@ -323,7 +357,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_run(_store_dir(args.store), args.run_id, args.fmt, args.out, args.force)
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json_text(result))
         return 0
     line = f"wrote run {result['run_id']} as {result['format']} to {result['path']} ({result['bytes']} bytes"
     if result["format"] == "sparse":
@@ -355,7 +389,7 @@ def _fmt(value: Any) -> str:
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, sort_keys=True))
+        print(json_text(summary))
         return
     rows = [
         ("run", summary["run_id"]), ("method", summary["method"]), ("model", summary["model"]),
@@ -388,23 +422,86 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "show": cmd_show,
-            "fetch": cmd_fetch, "export": cmd_export}
+            "fetch": cmd_fetch, "export": cmd_export, "store": cmd_store}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``prunelab`` console script."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled as Ctrl-C is (the run is marked interrupted and can resume)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+@contextmanager
+def _signals_interrupt(exiting: bool) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise once in the main thread; later ones are ignored while we clean up.
+
+    A second Ctrl-C arriving during the cleanup of the first (marking the run
+    interrupted, closing the index) would otherwise end in a traceback.
+    ``exiting``: the process ends after the block (the console script), so
+    once a signal came the later ones stay ignored through interpreter shutdown.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_IGN if fired and exiting else old)
+
+
+def _fail(message: str, as_json: bool, status: str = "error", prefix: str = "error: ", **fields: Any) -> None:
+    """One sentence on stderr and, with ``--json``, one JSON object as the last line of stdout."""
+    print(f"prunelab: {prefix}{message}", file=sys.stderr, flush=True)
+    if as_json:
+        print(json_text({"status": status, "error": message, **fields}), flush=True)
+
+
+def console() -> int:
+    """Entry point of the ``prunelab`` console script and ``python -m prunelab``: :func:`main`, then exit."""
+    return main(sys.argv[1:], exiting=True)
+
+
+def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
+    """Run the ``prunelab`` command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    ``exiting``: the process ends right after (see :func:`console`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"prunelab: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # a RunInterrupted says which checkpoint is kept
-        message = str(exc) or "interrupted; run the same command again to resume from the last checkpoint"
-        print(f"prunelab: {message}", file=sys.stderr)
-        return 130
+    as_json = bool(getattr(args, "json", False))
+    with _signals_interrupt(exiting):
+        try:
+            return COMMANDS[args.command](args)
+        except Diverged as exc:
+            _fail(str(exc), as_json, "diverged", epoch=exc.epoch, step=exc.step)
+            return 2
+        except UserError as exc:
+            _fail(str(exc), as_json)
+            return 2
+        except KeyboardInterrupt as exc:  # a RunInterrupted says which checkpoint is kept
+            message = str(exc) or "interrupted; run the same command again to resume from the last checkpoint"
+            code = 130
+            cause = exc if isinstance(exc, Terminated) else exc.__context__
+            if isinstance(cause, Terminated):
+                code = 128 + cause.signum
+                message = f"{signal.Signals(cause.signum).name}: {message}"
+            _fail(message, as_json, "interrupted", prefix="")
+            return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

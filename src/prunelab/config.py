@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,9 @@ from typing import Any
 
 import yaml
 
+from prunelab import safe_yaml
 from prunelab.data import DATASETS, Augment
+from prunelab.data.identity import DataIdentity
 from prunelab.errors import UserError
 from prunelab.methods import METHODS
 from prunelab.models import MODELS
@@ -49,12 +52,17 @@ class DataConfig:
     """Which dataset, how much of its training set is held out for validation, augmentation."""
 
     dataset: str = "fashion-mnist"
-    val_size: int | None = field(default=None, metadata={"help": "validation images carved from train (None: 5000)"})
+    val_size: int | None = field(default=None, metadata={"help": "validation images carved from train (None: 5000, or 10% of a training set under 20000)"})
     augment: Augment = Augment()
 
     def __post_init__(self) -> None:
-        DATASETS.entry(self.dataset)
-        _check(self.val_size is None or self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
+        size = DATASETS.get(self.dataset).image_size
+        _check(self.val_size is None or self.val_size >= 1, f"data.val_size must be at least 1, got {self.val_size}")
+        _check(
+            self.augment.crop_padding <= size,
+            f"data.augment.crop_padding must be at most the image size {size} of {self.dataset}, "
+            f"got {self.augment.crop_padding}",
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         MODELS.entry(self.name)
+
+
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,11 @@ class TrainConfig:
     channels_last: bool = field(
         default=False, metadata={"help": "model and image batches in channels_last memory layout (conv nets)"}
     )
+    # Another thread count sums floats in another order: the same config gives other bits. So the count
+    # is part of the config (and, unless 1, of the run id); 1 also keeps a run fast beside other work.
+    threads: int = field(
+        default=1, metadata={"help": "CPU threads of the run (torch intra-op); a count other than 1 is another run"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
@@ -113,6 +129,7 @@ class TrainConfig:
             0 <= self.label_smoothing < 1,
             f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
         )
+        _check(1 <= self.threads <= MAX_THREADS, f"train.threads must be in [1, {MAX_THREADS}], got {self.threads}")
         _choice("precision", self.precision, PRECISIONS)
         _check(
             isinstance(self.channels_last, bool),
@@ -170,6 +187,10 @@ class MethodConfig:
         )
 
 
+#: Largest seed accepted: numpy's generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a run's result (and so its id)."""
@@ -182,7 +203,7 @@ class RunConfig:
     method: MethodConfig = MethodConfig()
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
 
 # Short names accepted at the top level of YAML files, sweeps and the CLI flags.
@@ -194,6 +215,7 @@ ALIASES = {
     "sparsity": "prune.sparsity",
     "lr": "train.lr",
     "batch_size": "train.batch_size",
+    "threads": "train.threads",
 }
 
 
@@ -212,6 +234,27 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[ALIASES.get(path, path)] = value
     return flat
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float: an int, a float, or a string ``float()`` reads.
+
+    YAML 1.1 leaves ``1e9`` a string, so ``--set train.lr=1e9`` arrives as one.
+    None for anything else, bools included; the result may be infinite or NaN.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            return math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
@@ -237,13 +280,17 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _number(value)
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(number)
         raise UserError(f"{path} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{path} must be a number, got {value!r}")
+        number = _number(value)
+        if number is None:
+            raise UserError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"{path} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -304,7 +351,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set expects key=value, got {item!r}")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            out[key.strip()] = safe_yaml.load(text, f"--set {key.strip()}") if text.strip() else ""
         except yaml.YAMLError:
             raise UserError(f"--set {key.strip()}: cannot parse value {text!r}") from None
     return out
@@ -318,7 +365,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def read_yaml_tree(path: Path) -> Mapping[str, Any]:
     """The mapping a YAML file holds; one sentence for a missing, unreadable or malformed file."""
     try:
-        tree = yaml.safe_load(Path(path).read_text())
+        tree = safe_yaml.read(Path(path), f"config file {path}")
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -374,7 +421,16 @@ def non_default(obj: Any) -> dict[str, Any]:
     return out
 
 
-def run_id(cfg: RunConfig) -> str:
-    """12 hex digits of sha256 over the canonical JSON of the non-default fields."""
-    canonical = json.dumps(non_default(cfg), sort_keys=True, separators=(",", ":"))
+def run_id(cfg: RunConfig, data: DataIdentity | None = None) -> str:
+    """12 hex digits of sha256 over the canonical JSON of the non-default fields and the data.
+
+    ``data``: the files the run reads. The official files of a dataset (or
+    ``None``: not known yet, as for the official files) add nothing, which
+    keeps every existing id; any other data adds the digest of its files, so
+    a result is reused only for the same config and the same data.
+    """
+    identity = non_default(cfg)
+    if data is not None and not data.canonical:
+        identity["data_sha256"] = data.sha256
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -12,3 +12,12 @@ class UserError(ValueError):
 
     A ``ValueError``, so library callers can catch it as the usual bad-argument error.
     """
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or weights: the run is stored as ``diverged``, not as a result."""
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step

@@ -7,10 +7,10 @@ methods at once; methods and the training loop see only what they need.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ import torch
 
 from prunelab.config import MethodConfig, RunConfig, run_id, to_dict
 from prunelab.data import DataSplits, load_splits
-from prunelab.errors import UserError
+from prunelab.data.identity import DataIdentity
+from prunelab.errors import Diverged, UserError
 from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
-from prunelab.store import RunFolder, Store, atomic_torch_save, safe_torch_load
+from prunelab.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
 from prunelab.training import distributed
 from prunelab.training.cost import forward_flops
 from prunelab.training.distributed import World
@@ -33,14 +34,37 @@ from prunelab.training.loop import Cost, LoopSettings, Trainer
 
 @dataclass(frozen=True)
 class Runtime:
-    """How and where to run; none of it changes a result, so none of it is in the run id."""
+    """How and where to run; none of it changes a result, so none of it is in the run id.
+
+    ``data``: the identity of the files each dataset was found to have (see
+    :func:`data_identities`), so that a sweep knows its runs' ids before any
+    of them trains; every run still reads and checks its data itself.
+    """
 
     store: Path = Path("runs")
     data_dir: Path | None = None
     device: str = "auto"
-    threads: int | None = None
     progress: bool | None = None
     download: bool = True
+    data: Mapping[str, DataIdentity] = field(default_factory=dict)
+
+
+def data_identities(datasets: Iterable[str], runtime: Runtime) -> Runtime:
+    """``runtime`` knowing the identity of the files of each of ``datasets`` (each read once)."""
+    known = dict(runtime.data)
+    for name in datasets:
+        if name not in known:
+            identity = load_splits(name, runtime.data_dir, None, 0, runtime.download).identity
+            assert identity is not None
+            known[name] = identity
+    return dataclasses.replace(runtime, data=known)
+
+
+def identify(cfg: RunConfig, runtime: Runtime) -> str:
+    """The run id of ``cfg`` on the data ``runtime`` knows (:func:`data_identities` must have seen its dataset)."""
+    if cfg.data.dataset not in runtime.data:
+        raise RuntimeError(f"the identity of dataset {cfg.data.dataset!r} is not known yet; call data_identities")
+    return run_id(cfg, runtime.data[cfg.data.dataset])
 
 
 def resolve_device(name: str, world: World = distributed.SINGLE) -> torch.device:
@@ -92,24 +116,33 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
     ``data``: the already loaded splits of ``cfg``'s dataset and seed (saves a reload
     when a method runs its dense pretraining as a run of its own).
 
+    The data is read first: the run id covers the files read (see
+    :func:`prunelab.config.run_id`), so a stored result is reused only for
+    the same config and the same data, and only after its files pass their
+    checksums. A run whose loss stops being finite is stored as ``diverged``
+    and raises :class:`Diverged`, also when it is asked for again.
+
     Under torchrun every process calls this and trains the run together
     (:mod:`prunelab.training.distributed`): rank 0 alone uses the store and
     tells the others whether to train and, at the end, the result.
     """
     world = distributed.current()
-    rid = run_id(cfg)
+    if data is None:
+        data = load_data(cfg, runtime, world)
+    rid = run_id(cfg, data.identity)
     if not world.is_main:
         return _follow(cfg, rid, runtime, data, world)
     store = Store(runtime.store)
-    cached = store.finished(rid)
+    cached = _stored(store, rid)
     if cached is not None:
         return world.share(cached), True
     # One process trains a run; another asking for it waits, then reads the result.
     with store.lock(rid):
-        cached = store.finished(rid)
+        cached = _stored(store, rid)
         if cached is not None:
             return world.share(cached), True
-        folder = store.begin(rid, to_dict(cfg), headline(cfg))
+        config = run_config_record(cfg, data)
+        folder = store.begin(rid, config, headline(cfg))
         world.share(None)  # the other ranks: train it (the folder exists now)
         try:
             summary = _finish(_train(cfg, folder, runtime, data, world), rid, folder)
@@ -117,6 +150,10 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
         except KeyboardInterrupt:
             store.mark(rid, "interrupted", "interrupted by the user")
             raise RunInterrupted(rid, folder) from None
+        except Diverged as exc:
+            store.finish(rid, diverged_summary(cfg, rid, exc, data))
+            folder.drop_checkpoint()
+            raise Diverged(f"run {rid}: {exc}", exc.epoch, exc.step) from None
         except UserError as exc:
             store.mark(rid, "failed", str(exc))
             raise
@@ -127,28 +164,66 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
     return world.share(summary), False
 
 
+def _stored(store: Store, rid: str) -> dict[str, Any] | None:
+    """The verified stored summary of ``rid`` if it finished; raises :class:`Diverged` if it diverged."""
+    record = store.get(rid)
+    if record is not None and record.status == "diverged" and record.summary is not None:
+        s = record.summary
+        raise Diverged(f"run {rid} is stored as diverged: {s.get('error')}", s.get("epoch"), s.get("step"))
+    return store.finished(rid)
+
+
+def run_config_record(cfg: RunConfig, data: DataSplits) -> dict[str, Any]:
+    """What ``config.json`` holds: the resolved config and, under ``data_identity``, the data read."""
+    record = to_dict(cfg)
+    if data.identity is not None:
+        record["data_identity"] = data.identity.as_dict()
+    return record
+
+
+def diverged_summary(cfg: RunConfig, rid: str, exc: Diverged, data: DataSplits) -> dict[str, Any]:
+    """The stored record of a diverged run: where it diverged, and no result."""
+    return {
+        "run_id": rid, "status": "diverged", **headline(cfg), "error": str(exc), "epoch": exc.epoch,
+        "step": exc.step, "data_identity": data.identity.as_dict() if data.identity is not None else None,
+    }
+
+
+def load_data(cfg: RunConfig, runtime: Runtime, world: World = distributed.SINGLE) -> DataSplits:
+    """The splits ``cfg`` trains on, checked against its batch size; says their sizes and origin (rank 0)."""
+    with world.main_first():  # one download, not one per process
+        data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
+    n_train = len(data.train_y)
+    if n_train < cfg.train.batch_size:
+        raise UserError(
+            f"the training split has {n_train} images, fewer than one batch of {cfg.train.batch_size}; "
+            "lower train.batch_size or data.val_size"
+        )
+    if world.is_main and data.identity is not None:
+        RunFolder.notify(data.identity.describe())
+    return data
+
+
 def _follow(
-    cfg: RunConfig, rid: str, runtime: Runtime, data: DataSplits | None, world: World
+    cfg: RunConfig, rid: str, runtime: Runtime, data: DataSplits, world: World
 ) -> tuple[dict[str, Any], bool]:
     """:func:`run` on a rank other than 0: train alongside rank 0, write nothing, return rank 0's result."""
     cached = world.share(None)
     if cached is not None:
         return cached, True
     # Read-only: rank 0 writes this folder; we only load the checkpoints it wrote.
-    _train(cfg, RunFolder(Path(runtime.store) / rid), runtime, data, world)
+    folder = RunFolder(Path(runtime.store) / rid, owner=checkpoint_owner(rid, run_config_record(cfg, data)))
+    _train(cfg, folder, runtime, data, world)
     return world.share(None), False
 
 
-def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits | None, world: World) -> Context:
+def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits, world: World) -> Context:
     """Build model, data and trainer, and run the method program; every rank of a distributed run takes part."""
     device = resolve_device(runtime.device, world)
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+    # The thread count changes float rounding, so it is part of the config (train.threads), not the runtime.
+    torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    if data is None:
-        with world.main_first():  # one download, not one per process
-            data = load_splits(cfg.data.dataset, runtime.data_dir, cfg.data.val_size, cfg.seed, runtime.download)
-        data = _to_device(data, device, cfg.train.channels_last)
+    data = _to_device(data, device, cfg.train.channels_last)
     world.check_batching(len(data.train_y), cfg.train.batch_size)
     spec = data.spec
     model = build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes).to(device)
@@ -194,8 +269,8 @@ def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretraine
     the same run id, so it is trained once.
     """
     summary, _ = run(dense_config(cfg), runtime, data)
-    # Read only (every rank of a distributed run reads it): <store>/<run id>/ is the run's folder.
-    weights = safe_torch_load(Path(runtime.store) / summary["run_id"] / "weights.pt")
+    # Read only (every rank of a distributed run reads it), checked against its recorded sha256.
+    weights = Store.reader(runtime.store).load_weights(summary["run_id"])
     cost = Cost(**{f.name: summary[f.name] for f in dataclasses.fields(Cost)})
     return Pretrained(summary["run_id"], weights, cost)
 
@@ -212,7 +287,7 @@ def _to_device(data: DataSplits, device: torch.device, channels_last: bool = Fal
         for k in ("train_x", "val_x", "test_x"):
             if moved[k].dim() == 4:
                 moved[k] = moved[k].contiguous(memory_format=torch.channels_last)
-    return DataSplits(**moved, spec=data.spec)
+    return dataclasses.replace(data, **moved)
 
 
 def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
@@ -220,9 +295,8 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
     trainer = ctx.trainer
     model, masker, data = trainer.model, trainer.masker, trainer.data
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save(folder.path / "weights.pt", state)
-    atomic_torch_save(folder.path / "mask.pt", {k: v.cpu() for k, v in masker.masks.items()})
-    weights_sha256 = hashlib.sha256((folder.path / "weights.pt").read_bytes()).hexdigest()
+    weights_sha256 = folder.write_torch(WEIGHTS, state)
+    mask_sha256 = folder.write_torch(MASK, {k: v.cpu() for k, v in masker.masks.items()})
     started = time.perf_counter()
     test_loss, test_acc = trainer.evaluate(data.test_x, data.test_y)
     history = ctx.last_cycle.history if ctx.last_cycle else []
@@ -253,6 +327,9 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
         "train_flops": cost.train_flops,
         "dense_train_flops": cost.dense_train_flops,
         "weights_sha256": weights_sha256,
+        "mask_sha256": mask_sha256,
+        "threads": ctx.cfg.train.threads,
+        "data_identity": data.identity.as_dict() if data.identity is not None else None,
         "collapsed_layers": collapsed,
         "reused_runs": ctx.reused,
         "notes": ctx.notes,

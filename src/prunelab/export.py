@@ -22,7 +22,7 @@ from prunelab.data import DATASETS
 from prunelab.errors import UserError
 from prunelab.models import build_model
 from prunelab.sparse_format import plain_state_dict, save_sparse
-from prunelab.store import Store, atomic_torch_save, atomic_write_bytes, safe_torch_load
+from prunelab.store import Store, atomic_torch_save, atomic_write_bytes
 
 FORMATS = ("dense", "sparse", "onnx")
 ONNX_OPSET = 17
@@ -94,7 +94,7 @@ def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force:
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    store = Store(Path(store_root))
+    store = Store.reader(Path(store_root))
     rid = store.resolve_id(run_id_prefix)
     record = store.get(rid)
     assert record is not None
@@ -108,14 +108,12 @@ def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     spec = DATASETS.get(record.dataset)
     model = build_model(record.model, spec.channels, spec.image_size, spec.num_classes)
-    weights_path = store.folder(rid).path / "weights.pt"
-    if not weights_path.exists():
-        raise UserError(f"run {rid} has no weights file {weights_path}")
-    weights = safe_torch_load(weights_path)
+    store.verify(record)  # the summary, weights and masks are what the run stored
+    weights = store.load_weights(rid)
     try:
         model.load_state_dict(weights, strict=True)
     except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"{weights_path} does not fit model {record.model}; the run folder is damaged") from None
+        raise UserError(f"the weights of run {rid} do not fit model {record.model}; the run folder is damaged") from None
     model.eval()
     result: dict[str, Any] = {
         "run_id": rid, "format": fmt, "path": str(out), "model": record.model, "dataset": record.dataset,

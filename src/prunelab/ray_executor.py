@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prunelab.config import RunConfig, run_id
+from prunelab.config import RunConfig
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime
+from prunelab.experiment import Runtime, identify
 from prunelab.store import RunBundle, Store
 from prunelab.sweep import Outcome, pretrained_dense, record_crash, work
 
@@ -151,38 +151,37 @@ class RayExecutor:
         store = Store(runtime.store)
         task = ray.remote(run_in_temp_store).options(num_cpus=self.cpus, num_gpus=self.gpus)
         seeds: dict[str, Any] = {}  # dense run id -> its bundle in Ray's object store, sent once per node
-        pending = {task.remote(c, task_runtime, _seed(ray, store, c, seeds)): c for c in configs}
+        pending = {task.remote(c, task_runtime, _seed(ray, store, c, runtime, seeds)): c for c in configs}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             cfg = pending.pop(ref)
             try:
                 outcome, bundles = ray.get(ref)
             except ray.exceptions.RayError as exc:  # its worker or node died, or it could not start
-                yield record_crash(store, cfg, f"Ray task failed: {_describe(exc)}")
+                yield record_crash(store, cfg, runtime, f"Ray task failed: {_describe(exc)}")
                 continue
             for bundle in bundles:
                 store.import_run(bundle)
             yield outcome
 
     def _task_runtime(self, runtime: Runtime) -> Runtime:
-        """The runtime a task runs under: its own threads and device; paths made absolute for the workers."""
+        """The runtime a task runs under: its device; paths made absolute for the workers."""
         if self.gpus == 0 and runtime.device == "cuda":
             raise UserError("on Ray a run gets a GPU through --gpus-per-run, not --device cuda")
         return replace(
             runtime,
             device="cuda" if self.gpus > 0 else runtime.device,
-            threads=runtime.threads or self.cpus,
             progress=False,
             data_dir=runtime.data_dir.resolve() if runtime.data_dir is not None else None,
         )
 
 
-def _seed(ray: Any, store: Store, cfg: RunConfig, seeds: dict[str, Any]) -> Any:
+def _seed(ray: Any, store: Store, cfg: RunConfig, runtime: Runtime, seeds: dict[str, Any]) -> Any:
     """The object ref of the stored dense run ``cfg`` starts from, or None."""
     dense = pretrained_dense(cfg)
     if dense is None:
         return None
-    rid = run_id(dense)
+    rid = identify(dense, runtime)
     if rid not in seeds:
         # Not stored if its pretraining failed: the task then tries to train it, as a local run would.
         seeds[rid] = ray.put(store.export_run(rid)) if store.finished(rid) is not None else None

@@ -26,12 +26,14 @@ bundle, so only the driver ever writes the real store.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -46,14 +48,26 @@ import torch
 
 from prunelab.errors import UserError
 from prunelab.faults import fault_point
+from prunelab.io import json_text
 
 CHECKPOINT_MAGIC = b"PRUNELAB-CHECKPOINT-1\n"
 KEEP_CHECKPOINTS = 2
+# The store's file names, here and nowhere else.
+INDEX = "index.sqlite"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+WEIGHTS = "weights.pt"
+MASK = "mask.pt"
+SUMMARY = "summary.json"
 # What a run bundle may carry: a run's files less its checkpoints and lock. A finished run has at
 # least FINISHED_FILES (metrics.jsonl only once it has trained an epoch).
-BUNDLE_FILES = ("config.json", "metrics.jsonl", "weights.pt", "mask.pt", "summary.json")
-FINISHED_FILES = ("config.json", "weights.pt", "mask.pt", "summary.json")
+BUNDLE_FILES = (CONFIG, METRICS, WEIGHTS, MASK, SUMMARY)
+FINISHED_FILES = (CONFIG, WEIGHTS, MASK, SUMMARY)
+# Stored artifacts and the summary field holding the sha256 they were written with.
+CHECKSUMMED = {WEIGHTS: "weights_sha256", MASK: "mask_sha256"}
 RUN_ID = re.compile(r"[0-9a-f]{12}")
+# A failed index write with less free space than this is reported as a full disk.
+DISK_FULL_BYTES = 1 << 20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -150,20 +164,43 @@ class RunBundle:
     files: dict[str, bytes]
 
 
-class RunFolder:
-    """The files of one run; also the trainer's checkpointer."""
+def checkpoint_owner(run_id: str, config: dict[str, Any]) -> str:
+    """What a run's checkpoints record as their owner: its id and the sha256 of its config (data included)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return f"{run_id}/{digest[:16]}"
 
-    def __init__(self, path: Path) -> None:
+
+class RunFolder:
+    """The files of one run; also the trainer's checkpointer.
+
+    ``owner`` (see :func:`checkpoint_owner`) is written into every checkpoint;
+    a checkpoint with another owner (copied from another run, or written for
+    another config or other data) is refused and set aside, never resumed.
+    """
+
+    def __init__(self, path: Path, owner: str | None = None) -> None:
         self.path = path
+        self.owner = owner
         path.mkdir(parents=True, exist_ok=True)
 
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(self.path / name, (json_text(obj, indent=2) + "\n").encode())
+
+    def write_torch(self, name: str, obj: Any) -> str:
+        """``torch.save`` ``obj`` to ``name`` atomically; returns the sha256 of the bytes written."""
+        data = _torch_bytes(obj)
+        atomic_write_bytes(self.path / name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files a killed writer left (``.NAME.XXXX.tmp``); call with the run lock held."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         # Appending one short line is effectively atomic; a torn last line is skipped on read.
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json_text(record) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
         """Per-epoch records, one per (cycle, epoch): a record repeated by a resume keeps its last copy."""
@@ -181,7 +218,7 @@ class RunFolder:
 
     def save(self, state: dict[str, Any]) -> None:
         """Checkpointer: write the state with its checksum, keep it and the one before."""
-        payload = _torch_bytes(state)
+        payload = _torch_bytes({**state, "owner": self.owner})
         sequence = max((_sequence(p) for p in self.checkpoints()), default=0) + 1
         data = CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload
         atomic_write_bytes(self.path / f"checkpoint-{sequence:06d}.pt", data, fault="checkpoint")
@@ -196,7 +233,13 @@ class RunFolder:
         """
         for path in reversed(self.checkpoints()):
             try:
-                return load_checkpoint(path)
+                state = load_checkpoint(path)
+                if state.get("owner") != self.owner:
+                    raise UserError(
+                        f"checkpoint {path} belongs to {state.get('owner') or 'an unknown run'}, "
+                        f"not to this run ({self.owner}); it was set aside as {path.name}.damaged"
+                    )
+                return state
             except UserError as exc:
                 path.replace(path.with_name(path.name + ".damaged"))
                 self.notify(f"{exc}; resuming from the checkpoint before it")
@@ -239,35 +282,79 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class Store:
-    """The SQLite index and the run folders under one root."""
+    """The SQLite index and the run folders under one root.
 
-    def __init__(self, root: Path) -> None:
+    The index is a cache of the run folders: when it is missing or empty
+    while run folders exist, it is rebuilt from them (:meth:`rebuild`); a
+    damaged index is refused in one sentence, never silently replaced.
+    ``readonly`` opens an existing store for reading only (``list``, ``show``,
+    ``export``, ``report``), so a store on a read-only medium can be read.
+    """
+
+    def __init__(self, root: Path, readonly: bool = False) -> None:
         self.root = Path(root)
+        self.readonly = readonly
+        self.index = self.root / INDEX
+        if readonly:
+            if not self.index.is_file() or self.index.stat().st_size == 0:
+                if self._run_folders():
+                    raise UserError(f"the run index {self.index} is missing and the store is read-only, "
+                                    "so it cannot be rebuilt; run `prunelab store rebuild` where it is writable")
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create the store at {self.root}: {exc.strerror}") from None
-        self.index = self.root / "index.sqlite"
+        lost = not self.index.exists() or self.index.stat().st_size == 0
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+        if lost and self._run_folders():
+            found = self.rebuild()
+            RunFolder.notify(f"the run index {self.index} was missing or empty; rebuilt it from {found} run folders")
+
+    @classmethod
+    def reader(cls, root: Path) -> Store:
+        """The store at ``root`` opened for reading only when it exists, else created (nothing to read yet)."""
+        root = Path(root)
+        return cls(root, readonly=(root / INDEX).is_file() and not os.access(root, os.W_OK))
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            db = sqlite3.connect(self.index, timeout=60.0)
+            if self.readonly:
+                # immutable: a read-only medium cannot hold the WAL's shared-memory file.
+                db = sqlite3.connect(f"{self.index.resolve().as_uri()}?mode=ro&immutable=1", uri=True, timeout=60.0)
+            else:
+                db = sqlite3.connect(self.index, timeout=60.0)
         except sqlite3.Error as exc:
             raise UserError(f"cannot open the run index {self.index}: {exc}") from None
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
         except (sqlite3.DatabaseError, OSError) as exc:  # corrupted, locked too long, disk full
-            raise UserError(f"cannot use the run index {self.index}: {exc}") from None
+            raise self._index_error(exc) from None
         finally:
             db.close()
 
-    def folder(self, run_id: str) -> RunFolder:
-        return RunFolder(self.root / run_id)
+    def _index_error(self, exc: Exception) -> UserError:
+        """One sentence for a failed index operation: a full disk said as such, damage with its remedy."""
+        text = str(exc)
+        if "full" in text or "I/O error" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                free = None
+            if "full" in text or (free is not None and free < DISK_FULL_BYTES):
+                return UserError(f"the disk holding the store {self.root} is full (No space left on device); "
+                                 "the index was not changed: free some space and run the same command again")
+        if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+            return UserError(f"the run index {self.index} is damaged ({text}); nothing was changed: "
+                             "`prunelab store rebuild` sets it aside and rebuilds it from the run folders")
+        return UserError(f"cannot use the run index {self.index}: {text}")
+
+    def folder(self, run_id: str, owner: str | None = None) -> RunFolder:
+        return RunFolder(self.root / run_id, owner)
 
     def get(self, run_id: str) -> RunRecord | None:
         with self._connect() as db:
@@ -293,28 +380,41 @@ class Store:
         return [_record(r) for r in rows]
 
     def begin(self, run_id: str, config: dict[str, Any], head: dict[str, Any]) -> RunFolder:
-        """Register a run as running (keeping its creation time if it existed) and write its config."""
-        folder = self.folder(run_id)
-        folder.write_json("config.json", config)
-        now = time.time()
+        """Register a run as running (keeping its creation time if it existed) and write its config.
+
+        ``config`` is what ``config.json`` holds (the index keeps it without
+        ``data_identity``). Call with the run's lock held: temporary files a
+        killed writer left in the folder are removed.
+        """
+        folder = self.folder(run_id, checkpoint_owner(run_id, config))
+        folder.remove_temporaries()
+        folder.write_json(CONFIG, config)
+        self._upsert(run_id, "running", head, _index_config(config), None, None, time.time())
+        return folder
+
+    def _upsert(self, run_id: str, status: str, head: dict[str, Any], config: dict[str, Any],
+                summary: dict[str, Any] | None, error: str | None, created: float) -> None:
+        """Insert or update a run's row (an existing row keeps its creation time)."""
         with self._connect() as db:
             db.execute(
                 """INSERT INTO runs (run_id, status, method, model, dataset, target_sparsity, seed,
-                                     config, created, updated)
-                   VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(run_id) DO UPDATE SET status='running', error=NULL, updated=excluded.updated""",
-                (run_id, head["method"], head["model"], head["dataset"], head["target_sparsity"],
-                 head["seed"], json.dumps(config, sort_keys=True), now, now),
+                                     config, summary, error, created, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(run_id) DO UPDATE SET status=excluded.status, summary=excluded.summary,
+                       error=excluded.error, updated=excluded.updated""",
+                (run_id, status, head["method"], head["model"], head["dataset"], head["target_sparsity"],
+                 head["seed"], json_text(config), json_text(summary) if summary is not None else None,
+                 error, created, time.time()),
             )
-        return folder
 
     def finish(self, run_id: str, summary: dict[str, Any]) -> None:
-        self.folder(run_id).write_json("summary.json", summary)
+        """Store a run's summary (``status`` ok or diverged): ``summary.json`` first, then the index row."""
+        self.folder(run_id).write_json(SUMMARY, summary)
         with self._connect() as db:
             fault_point("store")
             db.execute(
-                "UPDATE runs SET status=?, summary=?, error=NULL, updated=? WHERE run_id=?",
-                (summary["status"], json.dumps(summary, sort_keys=True), time.time(), run_id),
+                "UPDATE runs SET status=?, summary=?, error=?, updated=? WHERE run_id=?",
+                (summary["status"], json_text(summary), summary.get("error"), time.time(), run_id),
             )
 
     @contextmanager
@@ -389,9 +489,129 @@ class Store:
         return True
 
     def finished(self, run_id: str) -> dict[str, Any] | None:
-        """The summary of ``run_id`` if the store holds it finished (status ok), else None."""
+        """The summary of ``run_id`` if the store holds it finished (status ok) and intact, else None.
+
+        Intact: ``summary.json`` says what the index says and every
+        checksummed artifact matches the sha256 it was written with. A damaged
+        run raises a :class:`UserError` naming it; it is never used.
+        """
         record = self.get(run_id)
-        return record.summary if record is not None and record.status == "ok" else None
+        if record is None or record.status != "ok" or record.summary is None:
+            return None
+        self.verify(record)
+        return record.summary
+
+    def verify(self, record: RunRecord) -> None:
+        """Raise one sentence naming the run unless its summary file and artifacts match what was recorded."""
+        folder = self.root / record.run_id
+        try:
+            on_disk = json.loads((folder / SUMMARY).read_text())
+        except (OSError, ValueError):
+            on_disk = None
+        if on_disk != record.summary:
+            raise _damaged(record.run_id, f"{SUMMARY} is missing or differs from the index")
+        for name in CHECKSUMMED:
+            self.read_artifact(record, name)
+
+    def read_artifact(self, record: RunRecord, name: str) -> bytes:
+        """The bytes of a finished run's ``weights.pt`` or ``mask.pt``, checked against their recorded sha256.
+
+        Runs stored before masks had a recorded checksum are checked for
+        consistency instead: every weight the mask removes must be 0.
+        """
+        assert record.summary is not None
+        path = self.root / record.run_id / name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _damaged(record.run_id, f"{name} cannot be read ({exc.strerror})") from None
+        expected = record.summary.get(CHECKSUMMED[name])
+        if expected is None and name == MASK:
+            _check_legacy_mask(record.run_id, _load_bytes(data, path), self.load_weights(record.run_id))
+        elif hashlib.sha256(data).hexdigest() != expected:
+            raise _damaged(record.run_id, f"{name} does not match its recorded sha256")
+        return data
+
+    def _finished_record(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
+        if record is None:
+            raise UserError(f"no run {run_id!r} in the store at {self.root}")
+        if record.status != "ok" or record.summary is None:
+            raise UserError(f"run {run_id} has no result (status {record.status})")
+        return record
+
+    def load_weights(self, run_id: str) -> dict[str, torch.Tensor]:
+        """A finished run's final weights (state_dict), checked against their recorded sha256."""
+        record = self._finished_record(run_id)
+        return _load_bytes(self.read_artifact(record, WEIGHTS), self.root / run_id / WEIGHTS)
+
+    def load_masks(self, run_id: str) -> dict[str, torch.Tensor]:
+        """A finished run's final masks ``{param name: bool tensor}``, checked."""
+        record = self._finished_record(run_id)
+        masks = _load_bytes(self.read_artifact(record, MASK), self.root / run_id / MASK)
+        return {k: v.bool() for k, v in masks.items()}
+
+    def _run_folders(self) -> list[Path]:
+        """Folders under the root named like run ids that hold a config."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if RUN_ID.fullmatch(p.name) and (p / CONFIG).is_file())
+
+    @classmethod
+    def repaired(cls, root: Path) -> tuple[Store, int]:
+        """The store at ``root`` with its index rebuilt from the run folders, and how many they are.
+
+        A damaged index file is first set aside (renamed ``index.sqlite.damaged-<time>``, kept).
+        """
+        index = Path(root) / INDEX
+        try:
+            with sqlite3.connect(index) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                old = Path(root) / f"{INDEX}{suffix}"
+                if old.exists():
+                    old.replace(Path(root) / f"{INDEX}{suffix}.damaged-{stamp}")
+            RunFolder.notify(f"set the damaged run index aside as {INDEX}.damaged-{stamp}")
+        store = cls(root)
+        return store, store.rebuild()
+
+    def rebuild(self) -> int:
+        """Rebuild the index rows from the run folders; returns how many runs it holds.
+
+        A folder whose summary and artifacts verify is ``ok`` (or
+        ``diverged``); one with a summary that does not verify is ``failed``
+        with the reason; one without a summary is ``interrupted`` (running it
+        again resumes from its checkpoints, if any).
+        """
+        folders = self._run_folders()
+        for path in folders:
+            self._restore_row(path)
+        return len(folders)
+
+    def _restore_row(self, path: Path) -> None:
+        """Put the index row of the run in ``path`` back (see :meth:`rebuild`)."""
+        rid = path.name
+        try:
+            config = json.loads((path / CONFIG).read_text())
+            head = _headline_of(config)
+        except (OSError, ValueError, KeyError, TypeError):
+            RunFolder.notify(f"skipped {path}: its {CONFIG} is unreadable")
+            return
+        created = (path / CONFIG).stat().st_mtime
+        summary = _read_json(path / SUMMARY)
+        status, error = "interrupted", "found without a result when the index was rebuilt"
+        if isinstance(summary, dict) and summary.get("status") in ("ok", "diverged"):
+            status, error = summary["status"], summary.get("error")
+            self._upsert(rid, status, head, _index_config(config), summary, error, created)
+            try:
+                if status == "ok":
+                    self.verify(_record_of(rid, status, head, config, summary, created))
+                return
+            except UserError as exc:
+                status, error = "failed", str(exc)
+        self._upsert(rid, status, head, _index_config(config), None, error, created)
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
         """Set a run's status (``failed``, ``interrupted``) with an optional error message."""
@@ -400,6 +620,58 @@ class Store:
                 "UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?",
                 (status, error, time.time(), run_id),
             )
+
+
+def _damaged(run_id: str, what: str) -> UserError:
+    return UserError(
+        f"run {run_id} in the store is damaged: its {what}; it was not used "
+        f"(move the folder {run_id} out of the store to train the run again)"
+    )
+
+
+def _load_bytes(data: bytes, path: Path) -> Any:
+    """``torch.load`` of verified bytes with ``weights_only=True``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (any failure means the file is not ours or is damaged)
+        raise UserError(f"{path} is not a valid prunelab file ({type(exc).__name__})") from None
+
+
+def _check_legacy_mask(run_id: str, masks: Any, weights: dict[str, torch.Tensor]) -> None:
+    """A mask without a recorded sha256 must fit the weights: same names and shapes, removed weights 0."""
+    if not isinstance(masks, dict):
+        raise _damaged(run_id, f"{MASK} does not hold masks")
+    for name, mask in masks.items():
+        weight = weights.get(name)
+        if not isinstance(mask, torch.Tensor) or weight is None or mask.shape != weight.shape:
+            raise _damaged(run_id, f"{MASK} does not fit its weights ({name})")
+        if bool((weight[~mask.bool()] != 0).any()):
+            raise _damaged(run_id, f"{MASK} removes weights of {name} that are not 0")
+
+
+def _index_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the index keeps it: ``config.json`` less the data identity."""
+    return {k: v for k, v in config.items() if k != "data_identity"}
+
+
+def _headline_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The index's headline fields from a stored config."""
+    return {"method": config["method"]["name"], "model": config["model"]["name"],
+            "dataset": config["data"]["dataset"], "target_sparsity": float(config["prune"]["sparsity"]),
+            "seed": int(config["seed"])}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _record_of(run_id: str, status: str, head: dict[str, Any], config: dict[str, Any],
+               summary: dict[str, Any], created: float) -> RunRecord:
+    return RunRecord(run_id, status, head["method"], head["model"], head["dataset"], head["target_sparsity"],
+                     head["seed"], _index_config(config), summary, summary.get("error"), created, created)
 
 
 def _check_bundle(bundle: RunBundle) -> None:
@@ -415,9 +687,12 @@ def _check_bundle(bundle: RunBundle) -> None:
     missing = [name for name in FINISHED_FILES if name not in bundle.files]
     if missing or bundle.record.summary is None:
         raise UserError(f"run bundle {rid} is finished but lacks {missing or ['its summary']}")
-    digest = hashlib.sha256(bundle.files["weights.pt"]).hexdigest()
-    if digest != bundle.record.summary.get("weights_sha256"):
-        raise UserError(f"run bundle {rid} is damaged (weights.pt does not match its weights_sha256)")
+    for name, key in CHECKSUMMED.items():
+        expected = bundle.record.summary.get(key)
+        if expected is None and name == MASK:
+            continue  # stored before masks had a checksum: checked against the weights when read
+        if hashlib.sha256(bundle.files[name]).hexdigest() != expected:
+            raise UserError(f"run bundle {rid} is damaged ({name} does not match its {key})")
 
 
 def _record(row: tuple[Any, ...]) -> RunRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -31,21 +32,22 @@ def _fill(folder: Path, names: list[str] = FILES) -> Path:
     return folder
 
 
-def test_search_order_data_dir_env_system_cache(
+def test_search_order_env_system_cache_and_data_dir_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir, env_dir = tmp_path / "data", tmp_path / "env"
     system, cache = tmp_path / "system", tmp_path / "cache"
-    places = [
-        _fill(data_dir / "ds"),
-        _fill(env_dir / "ds"),
-        _fill(system / "ds"),
-        _fill(cache / "ds"),
-    ]
+    given = _fill(data_dir / "ds")
+    places = [_fill(env_dir / "ds"), _fill(system / "ds"), _fill(cache / "ds")]
     monkeypatch.setenv("PRUNELAB_DATA", str(env_dir))
+    assert locate("ds", FILES, data_dir, None, system_root=system, cache_root=cache) == given
+    (given / FILES[0]).unlink()
+    # --data-dir lacking a file is an error, never a fall-back to the other copies.
+    with pytest.raises(UserError, match=f"data directory {data_dir} does not hold the ds files: {FILES[0]} is missing"):
+        locate("ds", FILES, data_dir, None, system_root=system, cache_root=cache)
 
     def found() -> Path:
-        return locate("ds", FILES, data_dir, None, system_root=system, cache_root=cache)
+        return locate("ds", FILES, None, None, system_root=system, cache_root=cache)
 
     for expected in places:
         assert found() == expected
@@ -53,6 +55,16 @@ def test_search_order_data_dir_env_system_cache(
             (expected / name).unlink()
     with pytest.raises(UserError, match="could not find the ds files .* downloading is off"):
         found()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_data_dir_holding_something_else_than_a_file_is_an_error(tmp_path: Path, kind: str) -> None:
+    folder = _fill(tmp_path / "data" / "ds", FILES[1:])
+    odd = folder / FILES[0]
+    os.mkfifo(odd) if kind == "fifo" else odd.mkdir()
+    what = "is a folder, not a file" if kind == "folder" else "is not a regular file"
+    with pytest.raises(UserError, match=f"{odd} {what}"):
+        locate("ds", FILES, tmp_path / "data", None, system_root=tmp_path / "sys", cache_root=tmp_path / "c")
 
 
 def test_folder_itself_and_subfolder_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,13 +99,39 @@ def test_cifar_from_extracted_folder(tmp_path: Path) -> None:
 
 
 def test_tiny_dataset_normalized_exactly(tiny_data_dir: Path) -> None:
-    splits = load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=0, download=False)
+    splits = load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=1, download=False)
     images, labels = tiny_fashion_mnist_arrays(1200, seed=0)
     expected = (torch.from_numpy(images).float()[:, None] / 255 - 0.2860) / 0.3530
-    assert torch.equal(splits.train_x, expected)  # val_size 0: training set as stored
-    assert torch.equal(splits.train_y, torch.from_numpy(labels).long())
-    assert splits.val_x.shape == (0, 1, 28, 28) and splits.val_y.shape == (0,)
-    assert splits.test_x.shape == (300, 1, 28, 28)
+    train_index, val_index = split_indices(1200, 1, 0)
+    assert torch.equal(splits.train_x, expected[train_index])  # a pure selection, stored order kept
+    assert torch.equal(splits.val_x, expected[val_index])
+    assert torch.equal(splits.train_y, torch.from_numpy(labels).long()[train_index])
+    assert splits.val_x.shape == (1, 1, 28, 28) and splits.test_x.shape == (300, 1, 28, 28)
+
+
+def test_small_training_sets_hold_out_ten_percent_by_default(tiny_data_dir: Path) -> None:
+    splits = load_splits("fashion-mnist", data_dir=tiny_data_dir, download=False)
+    assert (len(splits.train_y), len(splits.val_y), len(splits.test_y)) == (1080, 120, 300)
+    assert splits.identity is not None
+    assert (splits.identity.train, splits.identity.val, splits.identity.test) == (1080, 120, 300)
+    assert DATASETS.get("fashion-mnist").default_val_size == 5000  # 60,000-image sets keep 5,000
+
+
+@pytest.mark.parametrize(
+    ("val_size", "message"),
+    [(0, "data.val_size must be a whole number >= 1"), (1081, "leaves 119 of the 1200 training images"),
+     (1199, "leaves 1 of the 1200"), (1200, "leaves 0 of the 1200")],
+)
+def test_splits_that_leave_too_little_are_refused(tiny_data_dir: Path, val_size: int, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=val_size, download=False)
+    assert len(load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=1080, download=False).train_y) == 120
+
+
+def test_an_empty_test_set_is_refused(tmp_path: Path) -> None:
+    write_tiny_fashion_mnist(tmp_path, n_train=100, n_test=0)
+    with pytest.raises(UserError, match="the fashion-mnist test set is empty"):
+        load_splits("fashion-mnist", data_dir=tmp_path, download=False)
 
 
 def test_splits_deterministic_disjoint_and_exact(tiny_data_dir: Path) -> None:
@@ -121,13 +147,16 @@ def test_splits_deterministic_disjoint_and_exact(tiny_data_dir: Path) -> None:
     train_index, val_index = split_indices(1200, 200, 0)
     assert set(train_index.tolist()).isdisjoint(val_index.tolist())
     assert sorted(train_index.tolist() + val_index.tolist()) == list(range(1200))
-    full = load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=0, download=False)
-    assert torch.equal(a.train_x, full.train_x[train_index])
-    assert torch.equal(a.val_x, full.train_x[val_index])
-    assert torch.equal(a.test_x, full.test_x)  # the test set is never touched
+    images, _ = tiny_fashion_mnist_arrays(1200, seed=0)
+    full = (torch.from_numpy(images).float()[:, None] / 255 - 0.2860) / 0.3530
+    test_images, _ = tiny_fashion_mnist_arrays(300, seed=1)
+    assert torch.equal(a.train_x, full[train_index])
+    assert torch.equal(a.val_x, full[val_index])
+    # the test set is never touched
+    assert torch.equal(a.test_x, (torch.from_numpy(test_images).float()[:, None] / 255 - 0.2860) / 0.3530)
 
 
-@pytest.mark.parametrize(("val_size", "reason"), [(1200, "leaves no training data"), (-1, ">= 0")])
+@pytest.mark.parametrize(("val_size", "reason"), [(1200, "leaves 0 of the 1200 training images"), (-1, ">= 1")])
 def test_bad_val_size(tiny_data_dir: Path, val_size: int, reason: str) -> None:
     with pytest.raises(UserError, match=reason):
         load_splits("fashion-mnist", data_dir=tiny_data_dir, val_size=val_size, download=False)
@@ -175,7 +204,7 @@ def test_inconsistent_files_are_user_errors(
 def test_missing_files_without_download(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match="could not find the cifar10 files"):
+    with pytest.raises(UserError, match="does not hold the cifar10 files: cifar-10-python.tar.gz is missing"):
         CIFAR10.source.read("cifar10", empty, download=False)
 
 
@@ -187,6 +216,7 @@ def test_real_fashion_mnist() -> None:
     assert splits.train_x.shape == (55000, 1, 28, 28)
     assert sorted(torch.cat([splits.train_y, splits.val_y]).unique().tolist()) == list(range(10))
     assert torch.bincount(splits.test_y).tolist() == [1000] * 10
+    assert splits.identity is not None and splits.identity.canonical  # the official files, by checksum
     # The published constants normalize the training set to about zero mean, unit std.
     both = torch.cat([splits.train_x, splits.val_x])
     assert abs(both.mean().item()) < 1e-3 and abs(both.std().item() - 1) < 1e-3

@@ -25,7 +25,7 @@ from prunelab.report import (
     write_report,
 )
 from prunelab.report import plots
-from prunelab.store import Store, atomic_torch_save
+from prunelab.store import MASK, Store
 
 LAYERS = {"fc1.weight": (8, 10), "fc2.weight": (4, 8), "fc3.weight": (2, 4)}  # 120 weights
 N_WEIGHTS = sum(a * b for a, b in LAYERS.values())
@@ -69,7 +69,7 @@ def add_run(store: Store, method: str, sparsity: float, seed: int, *, model: str
     if kept is None:
         k = round((1 - sparsity) * N_WEIGHTS)
         kept = torch.randperm(N_WEIGHTS, generator=torch.Generator().manual_seed(seed))[:k].tolist()
-    atomic_torch_save(folder.path / "mask.pt", mask_keeping(kept))
+    mask_sha256 = folder.write_torch(MASK, mask_keeping(kept))
     store.finish(rid, {
         "run_id": rid, "status": "ok", **head,
         "sparsity": sparsity if achieved is None else achieved,
@@ -77,7 +77,7 @@ def add_run(store: Store, method: str, sparsity: float, seed: int, *, model: str
         "selected_val_acc": test_acc + 0.01, "selected_test_acc": selected,
         "epochs": epochs, "steps": 100 * epochs, "wall_s": 10.0 * (seed + 1),
         "train_flops": train_flops, "dense_train_flops": dense_flops,
-        "collapsed_layers": list(collapsed), "reused_runs": list(reused), "notes": [],
+        "collapsed_layers": list(collapsed), "reused_runs": list(reused), "notes": [], "mask_sha256": mask_sha256,
     })
     return rid
 

@@ -16,12 +16,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prunelab.data.raw import CifarArchive, IdxFiles, RawData
+from prunelab.data.identity import DataIdentity
+from prunelab.data.raw import CifarArchive, IdxFiles, Official, RawData
 from prunelab.data.sources import RemoteFile
 from prunelab.errors import UserError
 from prunelab.registry import Registry
 
 DEFAULT_DATASET = "fashion-mnist"
+# Training sets smaller than this hold out 10% for validation by default (larger ones the
+# dataset's default_val_size); a split must leave at least MIN_TRAIN_FRACTION for training.
+SMALL_TRAIN_SET = 20_000
+SMALL_VAL_FRACTION = 0.1
+MIN_TRAIN_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class DataSplits:
     test_x: Tensor
     test_y: Tensor
     spec: DatasetSpec
+    identity: DataIdentity | None = None  # the files read and the split sizes (None: built in memory)
 
 
 DATASETS = Registry[DatasetSpec]("dataset")
@@ -59,8 +66,12 @@ def _register(spec: DatasetSpec) -> DatasetSpec:
     return DATASETS.register(spec.name, summary=spec.summary)(spec)
 
 
-def _idx_files(base_url: str, checksums: dict[str, str]) -> IdxFiles:
-    """The MNIST-family layout, downloading each ``<name>.gz`` from ``base_url``."""
+def _idx_files(base_url: str, checksums: dict[str, str], contents: dict[str, str]) -> IdxFiles:
+    """The MNIST-family layout, downloading each ``<name>.gz`` from ``base_url``.
+
+    ``checksums``: sha256 of the published .gz files; ``contents``: sha256 of
+    their decompressed contents (what any re-gzipped copy still matches).
+    """
     names = (
         "train-images-idx3-ubyte",
         "train-labels-idx1-ubyte",
@@ -68,7 +79,8 @@ def _idx_files(base_url: str, checksums: dict[str, str]) -> IdxFiles:
         "t10k-labels-idx1-ubyte",
     )
     remote = tuple(RemoteFile(f"{n}.gz", f"{base_url}{n}.gz", checksums[n]) for n in names)
-    return IdxFiles(*names, remote=remote)
+    official = {n: frozenset({f"gz-sha256:{checksums[n]}", f"sha256:{contents[n]}"}) for n in names}
+    return IdxFiles(*names, remote=remote, official=official)
 
 
 # sha256 of the downloaded .gz files, from tensorflow/datasets
@@ -81,6 +93,14 @@ _FASHION_SHA256 = {
     "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
     "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
 }
+# sha256 of the decompressed IDX files (the same in every copy, Debian's included); several
+# independent projects pin these values for the files published by Zalando Research.
+_FASHION_CONTENT_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 # sha256 for the cvdf mirror, from tensorflow/datasets
 # tensorflow_datasets/url_checksums/mnist.txt. Other projects pin the same
 # values for the original yann.lecun.com files and for the
@@ -91,6 +111,24 @@ _MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
     "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
+# sha256 of the decompressed MNIST IDX files, as pinned by several independent projects.
+_MNIST_CONTENT_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# md5 of the extracted CIFAR batches, from pytorch/vision torchvision/datasets/cifar.py
+# (train_list, test_list); they identify an extracted copy of the official archive.
+_CIFAR10_BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+_CIFAR100_BATCH_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
 # CIFAR "python version" archives' sha256, from pytorch/vision
 # torchvision/prototype/datasets/_builtin/cifar.py (Cifar10._SHA256,
 # Cifar100._SHA256); keras-team/keras keras/src/datasets/cifar10.py and
@@ -99,6 +137,12 @@ _MNIST_SHA256 = {
 _CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 _CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
 _KRIZ = "https://www.cs.toronto.edu/~kriz/"
+
+
+def _cifar_official(archive: str, archive_sha256: str, folder: str, batch_md5: dict[str, str]) -> Official:
+    """The official CIFAR files: the archive by its sha256, extracted batches by their md5."""
+    official = {f"{folder}/{name}": frozenset({f"md5:{md5}"}) for name, md5 in batch_md5.items()}
+    return {**official, archive: frozenset({f"gz-sha256:{archive_sha256}"})}
 
 # Normalization constants are the ones commonly published for each training set.
 MNIST = _register(
@@ -111,7 +155,9 @@ MNIST = _register(
         std=(0.3081,),
         default_val_size=5000,
         summary="MNIST handwritten digits, 28x28 grayscale, 10 classes",
-        source=_idx_files("https://storage.googleapis.com/cvdf-datasets/mnist/", _MNIST_SHA256),
+        source=_idx_files(
+            "https://storage.googleapis.com/cvdf-datasets/mnist/", _MNIST_SHA256, _MNIST_CONTENT_SHA256
+        ),
     )
 )
 FASHION_MNIST = _register(
@@ -125,7 +171,9 @@ FASHION_MNIST = _register(
         default_val_size=5000,
         summary="Fashion-MNIST clothing images, 28x28 grayscale, 10 classes (the default)",
         source=_idx_files(
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", _FASHION_SHA256
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            _FASHION_SHA256,
+            _FASHION_CONTENT_SHA256,
         ),
     )
 )
@@ -147,6 +195,9 @@ CIFAR10 = _register(
             label_key=b"labels",
             remote=RemoteFile(
                 "cifar-10-python.tar.gz", f"{_KRIZ}cifar-10-python.tar.gz", _CIFAR10_SHA256
+            ),
+            official=_cifar_official(
+                "cifar-10-python.tar.gz", _CIFAR10_SHA256, "cifar-10-batches-py", _CIFAR10_BATCH_MD5
             ),
         ),
     )
@@ -170,6 +221,9 @@ CIFAR100 = _register(
             remote=RemoteFile(
                 "cifar-100-python.tar.gz", f"{_KRIZ}cifar-100-python.tar.gz", _CIFAR100_SHA256
             ),
+            official=_cifar_official(
+                "cifar-100-python.tar.gz", _CIFAR100_SHA256, "cifar-100-python", _CIFAR100_BATCH_MD5
+            ),
         ),
     )
 )
@@ -184,18 +238,21 @@ def load_splits(
 ) -> DataSplits:
     """Load dataset ``name`` as normalized train/validation/test tensors.
 
-    The validation split is ``val_size`` samples (``None``: the dataset's
-    default) drawn from the training set by a permutation seeded with
-    ``split_seed``; both parts keep the training set's order. Missing files are
-    downloaded into the user cache unless ``download`` is False.
+    The validation split is ``val_size`` samples (``None``: see
+    :func:`default_val_size`) drawn from the training set by a permutation
+    seeded with ``split_seed``; both parts keep the training set's order.
+    Missing files are downloaded into the user cache unless ``download`` is
+    False. The result's ``identity`` records the files read and the split sizes.
     """
     spec = DATASETS.get(name)
     raw = spec.source.read(spec.name, data_dir, download)
     _validate(spec, raw)
-    val_size = spec.default_val_size if val_size is None else val_size
-    train_index, val_index = split_indices(len(raw.train_labels), val_size, split_seed)
+    n_train = len(raw.train_labels)
+    val_size = default_val_size(spec, n_train) if val_size is None else val_size
+    train_index, val_index = split_indices(n_train, val_size, split_seed)
     images = torch.from_numpy(raw.train_images)
     labels = torch.from_numpy(raw.train_labels)
+    identity = DataIdentity(spec.name, raw.files, len(train_index), len(val_index), len(raw.test_labels))
     return DataSplits(
         train_x=normalize(images[train_index], spec),
         train_y=labels[train_index],
@@ -204,21 +261,35 @@ def load_splits(
         test_x=normalize(torch.from_numpy(raw.test_images), spec),
         test_y=torch.from_numpy(raw.test_labels),
         spec=spec,
+        identity=identity,
     )
+
+
+def default_val_size(spec: DatasetSpec, n_train: int) -> int:
+    """Validation images held out when ``data.val_size`` is not set.
+
+    The dataset's own default (5,000 for the 50,000-60,000-image training sets,
+    which keeps their run ids) for training sets of at least
+    :data:`SMALL_TRAIN_SET` images; 10% of smaller ones (at least one image).
+    """
+    if n_train >= SMALL_TRAIN_SET:
+        return spec.default_val_size
+    return max(1, int(n_train * SMALL_VAL_FRACTION))
 
 
 def split_indices(n_train: int, val_size: int, split_seed: int) -> tuple[Tensor, Tensor]:
     """Sorted (train, validation) indices: ``val_size`` of ``n_train`` chosen by ``split_seed``.
 
-    Sorting makes the split a pure selection: with ``val_size == 0`` the
-    training set is returned exactly as stored.
+    Sorting makes the split a pure selection: both parts keep the stored
+    order. The validation split must hold at least one image and leave at
+    least :data:`MIN_TRAIN_FRACTION` of the training set for training.
     """
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
-        raise UserError(f"data.val_size must be a whole number >= 0, got {val_size!r}")
-    if val_size >= n_train:
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1:
+        raise UserError(f"data.val_size must be a whole number >= 1 (validation selects and stops), got {val_size!r}")
+    if n_train - val_size < max(1, MIN_TRAIN_FRACTION * n_train):
         raise UserError(
-            f"data.val_size {val_size} leaves no training data "
-            f"(the training set has {n_train} samples)"
+            f"data.val_size {val_size} leaves {max(0, n_train - val_size)} of the {n_train} training images for "
+            f"training, fewer than {MIN_TRAIN_FRACTION:.0%}; choose a smaller data.val_size"
         )
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
     return order[val_size:].sort().values, order[:val_size].sort().values
@@ -247,6 +318,8 @@ def _validate(spec: DatasetSpec, raw: RawData) -> None:
             )
         if labels.ndim != 1 or len(labels) != len(images):
             raise UserError(f"{where} has {len(images)} images but labels of shape {labels.shape}")
+        if len(labels) == 0:
+            raise UserError(f"{where} is empty: it holds no images")
         if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
             raise UserError(
                 f"{where} has labels from {labels.min()} to {labels.max()}, "

@@ -8,14 +8,19 @@ labels, still unvalidated against a dataset's shape and class count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from prunelab.data.cifar import read_cifar_batches
+from prunelab.data.identity import DataFile, digest_file
 from prunelab.data.idx import read_idx
 from prunelab.data.sources import RemoteFile, find_file, holds, locate, search_folders
+
+# Logical file name -> accepted digests ("sha256:...", "gz-sha256:...", "md5:..."): see data.identity.
+Official = Mapping[str, frozenset[str]]
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class RawData:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    files: tuple[DataFile, ...] = ()  # what was read, with checksums (the run's data identity)
 
 
 @dataclass(frozen=True)
@@ -37,14 +43,17 @@ class IdxFiles:
     test_images: str
     test_labels: str
     remote: tuple[RemoteFile, ...]
+    official: Official = field(default_factory=dict)
 
     def read(self, dataset: str, data_dir: Path | None, download: bool) -> RawData:
-        """Locate (or download) the files and read them."""
+        """Locate (or download) the files, read them and checksum them."""
         names = [self.train_images, self.train_labels, self.test_images, self.test_labels]
         folder = locate(dataset, names, data_dir, self.remote if download else None)
-        arrays = [read_idx(_found(folder, name)) for name in names]
+        paths = [_found(folder, name) for name in names]
+        arrays = [read_idx(path) for path in paths]  # validated first: a hostile file is never hashed
+        files = tuple(digest_file(name, path, self.official) for name, path in zip(names, paths))
         # IDX images are (N, H, W): one channel.
-        return RawData(arrays[0][:, None], _int64(arrays[1]), arrays[2][:, None], _int64(arrays[3]))
+        return RawData(arrays[0][:, None], _int64(arrays[1]), arrays[2][:, None], _int64(arrays[3]), files)
 
 
 @dataclass(frozen=True)
@@ -57,16 +66,23 @@ class CifarArchive:
     test: tuple[str, ...]
     label_key: bytes
     remote: RemoteFile
+    official: Official = field(default_factory=dict)
 
     def read(self, dataset: str, data_dir: Path | None, download: bool) -> RawData:
-        """Find an extracted folder or the tarball (downloading it if allowed) and read it."""
+        """Find an extracted folder or the tarball (downloading it if allowed), read and checksum it."""
         location = self._find(dataset, data_dir)
         if location is None:
             remote = (self.remote,) if download else None
             location = locate(dataset, [self.archive], data_dir, remote) / self.archive
         train = read_cifar_batches(location, self.folder, self.train, self.label_key)
         test = read_cifar_batches(location, self.folder, self.test, self.label_key)
-        return RawData(train[0], train[1], test[0], test[1])
+        return RawData(train[0], train[1], test[0], test[1], self._digests(location))
+
+    def _digests(self, location: Path) -> tuple[DataFile, ...]:
+        if not location.is_dir():
+            return (digest_file(self.archive, location, self.official),)
+        names = [f"{self.folder}/{name}" for name in self.train + self.test]
+        return tuple(digest_file(name, _found(location, name), self.official) for name in names)
 
     def _find(self, dataset: str, data_dir: Path | None) -> Path | None:
         """The first search folder's extracted copy or tarball, whichever it holds.

@@ -1,11 +1,14 @@
 """Finding dataset files on disk, or downloading and verifying them.
 
-Search order for a dataset ``<dataset>`` (first folder holding every file wins):
+With ``data_dir`` (the ``--data-dir`` option) the files must be in
+``data_dir/<dataset>`` or ``data_dir`` itself: nothing else is searched and
+nothing is downloaded, so a folder that lacks a file (or holds a FIFO or a
+folder in its place) is an error, never a silent fall-back to other data.
+Without it, the search order (first folder holding every file wins) is:
 
-1. ``data_dir/<dataset>``, then ``data_dir`` itself (the ``--data-dir`` option);
-2. ``$PRUNELAB_DATA/<dataset>``, then ``$PRUNELAB_DATA``;
-3. ``/usr/share/datasets/<dataset>`` (system-wide copies, e.g. Debian packages);
-4. the user cache ``<cache root>/<dataset>``, where the cache root is
+1. ``$PRUNELAB_DATA/<dataset>``, then ``$PRUNELAB_DATA``;
+2. ``/usr/share/datasets/<dataset>`` (system-wide copies, e.g. Debian packages);
+3. the user cache ``<cache root>/<dataset>``, where the cache root is
    ``$PRUNELAB_CACHE`` or ``${XDG_CACHE_HOME:-~/.cache}/prunelab/datasets``.
 
 The subfolder is tried before the folder itself because MNIST and
@@ -76,9 +79,9 @@ def search_folders(
     Raises :class:`UserError` if ``data_dir`` or ``$PRUNELAB_DATA`` is given but
     is not a directory: a mistyped path should not silently fall through.
     """
-    folders: list[Path] = []
     if data_dir is not None:
-        folders += _root_and_subfolder(Path(data_dir).expanduser(), dataset, "data directory")
+        return _root_and_subfolder(Path(data_dir).expanduser(), dataset, "data directory")
+    folders: list[Path] = []
     env_dir = os.environ.get(DATA_ENV)
     if env_dir:
         folders += _root_and_subfolder(Path(env_dir).expanduser(), dataset, f"${DATA_ENV}")
@@ -99,6 +102,17 @@ def find_file(folder: Path, name: str) -> Path | None:
     if not name.endswith(".gz"):
         candidates.append(folder / f"{name}.gz")
     return next((path for path in candidates if path.is_file()), None)
+
+
+def _what_is_wrong(folders: Sequence[Path], name: str) -> str:
+    """Why none of ``folders`` holds ``name``: missing, or something other than a regular file there."""
+    for folder in folders:
+        for path in (folder / name, folder / f"{name}.gz"):
+            if path.is_dir():
+                return f"{path} is a folder, not a file"
+            if path.exists() or path.is_symlink():
+                return f"{path} is not a regular file"
+    return f"{name} is missing"
 
 
 def holds(folder: Path, files: Sequence[str]) -> bool:
@@ -123,6 +137,13 @@ def locate(
     for folder in folders:
         if holds(folder, files):
             return folder
+    if data_dir is not None:
+        problems = [_what_is_wrong(folders, name) for name in files if not any(find_file(f, name) for f in folders)]
+        problems = problems or ["they are split between the two folders; put them all in one"]
+        raise UserError(
+            f"the data directory {data_dir} does not hold the {dataset} files: {'; '.join(problems)} "
+            f"(looked in {' and '.join(str(f) for f in folders)})"
+        )
     if download is None:
         searched = ", ".join(str(folder) for folder in folders)
         raise UserError(

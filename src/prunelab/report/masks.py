@@ -7,18 +7,16 @@ from pathlib import Path
 
 import torch
 
-from prunelab.store import safe_torch_load
+from prunelab.store import MASK, Store
 
 Mask = Mapping[str, torch.Tensor]
 
 
-def load_mask(run_folder: Path) -> dict[str, torch.Tensor] | None:
-    """The final masks ``{param name: bool tensor}`` of a run, or None if it stored none."""
-    path = Path(run_folder) / "mask.pt"
-    if not path.exists():
+def load_mask(store: Store, run_id: str) -> dict[str, torch.Tensor] | None:
+    """The final masks ``{param name: bool tensor}`` of a finished run (checked), or None if it stored none."""
+    if not (store.root / run_id / MASK).exists():
         return None
-    masks = safe_torch_load(path)
-    return {k: v.bool() for k, v in masks.items()}
+    return store.load_masks(run_id)
 
 
 def layer_densities(mask: Mask) -> dict[str, float]:

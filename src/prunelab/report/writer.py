@@ -48,7 +48,7 @@ def write_report(
     store_root, out = Path(store_root), Path(out)
     if not (store_root / "index.sqlite").exists():
         raise UserError(f"there is no run store at {store_root} (no index.sqlite)")
-    records = filter_records(Store(store_root).records(), where)
+    records = filter_records(Store.reader(store_root).records(), where)
     if not records:
         raise UserError(f"no run in the store at {store_root} matches {_where_text(where)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -185,9 +185,14 @@ def _mask_sections(
     rows = [r for r in table.rows if r.target == sparsity and r.method != "dense"]
     masks: dict[str, dict] = {}
     missing = []
+    store = Store.reader(store_root)
     for row in rows:
         run = row.runs[0]  # the lowest seed
-        mask = load_mask(store_root / run.run_id)
+        try:
+            mask = load_mask(store, run.run_id)
+        except UserError as exc:  # a damaged run is named, never drawn
+            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed}: {exc})")
+            continue
         if mask is None:
             missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed})")
         else:
@@ -195,7 +200,7 @@ def _mask_sections(
     blocks: list[Block] = [Heading(3, f"Per-layer density at sparsity {at}"),
                            Para(f"Masks of the lowest seed of each variant at target sparsity {at}.")]
     if missing:
-        blocks.append(Para("No mask.pt for: " + ", ".join(missing) + "."))
+        blocks.append(Para("No usable mask.pt for: " + ", ".join(missing) + "."))
     if not masks:
         return blocks
     series = {label: layer_densities(m) for label, m in masks.items()}
@@ -230,7 +235,7 @@ def _who(r: RunRecord) -> str:
 
 
 def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict[str, list[str]]:
-    """Warning lines by kind: collapse, few seeds, missed target, failed, unfinished."""
+    """Warning lines by kind: collapse, few seeds, missed target, failed, diverged, unfinished."""
     ok = [r for r in records if r.status == "ok" and r.summary is not None]
     found: dict[str, list[str]] = {
         "Layer collapse": [f"{_who(r)}: every weight pruned in {', '.join(r.summary['collapsed_layers'])} "
@@ -245,10 +250,13 @@ def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict
             for r in ok if r.method != "dense" and r.summary.get("sparsity") is not None
             and r.summary["sparsity"] < r.target_sparsity - 1e-6],
         "Failed runs": [f"{_who(r)}: {r.error or 'no error recorded'}" for r in records if r.status == "failed"],
+        # A diverged run has no result: it is named here and never enters a table or a plot.
+        "Diverged runs": [f"{_who(r)}: {r.error or 'the loss stopped being finite'}"
+                          for r in records if r.status == "diverged"],
         "Unfinished runs": [
             f"{_who(r)}: " + ("still running (or killed before it could be marked)" if r.status == "running"
                               else r.status + (f": {r.error}" if r.error else ""))
-            for r in records if r.status not in ("ok", "failed")]
+            for r in records if r.status not in ("ok", "failed", "diverged")]
             + [f"{_who(r)}: marked ok but has no summary" for r in records if r.status == "ok" and r.summary is None],
     }
     return {kind: lines for kind, lines in found.items() if lines}

@@ -249,6 +249,9 @@ def session(device: str) -> Iterator[World]:
     dist.init_process_group("nccl" if gpu is not None else "gloo", device_id=gpu)
     try:
         yield current()
+        # Leave together: a rank that tears its group down while another still talks to it can make
+        # that one fail at exit, and torchrun then reports a failure although the run was stored.
+        dist.barrier()
     finally:
         # DistributedDataParallel wrappers live in reference cycles: collect them while the group is
         # alive, or their reducers are torn down at interpreter exit, which now and then aborts.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunelab.data import Augment, DataSplits, eval_batches, num_batches, train_batches
+from prunelab.errors import Diverged
 from prunelab.faults import fault_point
 from prunelab.sparsity.mask import Masker, Masks, layer_densities
 from prunelab.training.cost import dense_train_step_flops, train_step_flops
@@ -147,6 +149,26 @@ def evaluate(
         correct += (out.argmax(1) == yb).sum()
     model.train(was_training)
     return float(loss) / len(y), int(correct) / len(y)
+
+
+def check_finite(losses: torch.Tensor, model: nn.Module, epoch: int, steps_per_epoch: int) -> None:
+    """Raise :class:`Diverged` naming the first step of the epoch whose loss is not finite, or non-finite weights.
+
+    ``epoch`` is 0-based; the message counts epochs and steps from 1 (steps over the whole cycle).
+    """
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        step = epoch * steps_per_epoch + i + 1
+        raise Diverged(
+            f"training diverged: the loss was {float(losses[i])} at step {step} (epoch {epoch + 1}, "
+            f"batch {i + 1} of {steps_per_epoch}); lower the learning rate or check the data", epoch + 1, step
+        )
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise Diverged(
+            f"training diverged: some weights are not finite after epoch {epoch + 1}; lower the learning rate",
+            epoch + 1, (epoch + 1) * steps_per_epoch,
+        )
 
 
 class Trainer:
@@ -297,7 +319,9 @@ class Trainer:
                    unit="batch", dynamic_ncols=True)
         device = self.data.train_x.device
         world = self.world
-        loss_sum = torch.zeros((), device=device)
+        # Each step's loss goes into one tensor (no sync per step); checked for divergence once per epoch.
+        losses = torch.zeros(steps_per_epoch, device=device)
+        sizes = torch.zeros(steps_per_epoch, device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for i, (x, y) in enumerate(bar):
@@ -315,12 +339,15 @@ class Trainer:
             (loss if scale == 1.0 else loss * scale).backward()
             masker.apply_to_grads()
             opt.step()  # pruned weights stay exactly 0: see Masker
-            loss_sum += loss.detach() * len(y)
+            losses[i] = loss.detach()
+            sizes[i] = len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             self.cost.train_flops += self._step_flops * n
             self.cost.dense_train_flops += self._dense_step_flops * n
         bar.close()
+        check_finite(losses, model, epoch, steps_per_epoch)
+        loss_sum = (losses * sizes).sum()
         masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
         if world.distributed:
             # Training figures over the global batches; BatchNorm statistics as rank 0's on every rank,
@@ -331,6 +358,11 @@ class Trainer:
         self.cost.steps += steps_per_epoch
         self.cost.epochs += 1
         val_loss, val_acc = self.evaluate(self.data.val_x, self.data.val_y)
+        if not math.isfinite(val_loss):
+            raise Diverged(
+                f"training diverged: the validation loss after epoch {epoch + 1} is {val_loss} "
+                "(the weights overflowed); lower the learning rate", epoch + 1, (epoch + 1) * steps_per_epoch
+            )
         kept = sum(int(m.sum()) for m in masker.masks.values())
         total = sum(m.numel() for m in masker.masks.values())
         return {
