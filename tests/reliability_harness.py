@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import write_tiny_fashion_mnist  # noqa: E402
 
-from prunelab.store import RunFolder  # noqa: E402
+from prunelab.runs.store import RunFolder  # noqa: E402
 
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--threads", "1"]
 STEPS_PER_EPOCH = 16  # 1000 training images / 64

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from prunelab.config import RunConfig, build_config, load_config, non_default, parse_set, run_id
+from prunelab.config.build import build_config, load_config, parse_set
+from prunelab.config.identity import non_default, run_id
+from prunelab.config.schema import RunConfig
 from prunelab.errors import UserError
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from prunelab import safe_yaml
 from prunelab.cli import main
-from prunelab.config import MAX_SEED, build_config, load_config, parse_set
+from prunelab.config.build import build_config, load_config, parse_set
+from prunelab.config.schema import MAX_SEED
 from prunelab.errors import UserError
 
 
@@ -50,7 +51,7 @@ def test_yaml_bombs_are_refused_in_one_sentence(case: str, tmp_path: Path) -> No
 
 
 def test_sweep_files_use_the_same_limits(tmp_path: Path) -> None:
-    from prunelab.sweep import read_sweep
+    from prunelab.runs.sweep import read_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text("base: {epochs: 1}\ngrid:\n" + "".join(f"  {line}\n" for line in _laughs().splitlines()))

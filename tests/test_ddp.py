@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from prunelab.cli import main
-from prunelab.store import Store
+from prunelab.runs.store import Store
 from prunelab.training.distributed import masks_digest
 
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--no-download"]

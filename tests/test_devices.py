@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from prunelab.cli import main
-from prunelab.config import build_config, run_id
+from prunelab.config.build import build_config
+from prunelab.config.identity import run_id
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, resolve_device, run
+from prunelab.runs.experiment import Runtime, resolve_device, run
 
 TINY = {"data.val_size": 200, "train.batch_size": 64}
 TINY_ARGS = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--no-download"]

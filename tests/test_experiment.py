@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from prunelab.config import build_config
-from prunelab.experiment import Runtime, run
-from prunelab.store import RunFolder, Store
+from prunelab.config.build import build_config
+from prunelab.runs.experiment import Runtime, run
+from prunelab.runs.store import RunFolder, Store
 
 TINY = {"data.val_size": 200, "train.batch_size": 64}
 

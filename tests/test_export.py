@@ -15,13 +15,13 @@ from torch.nn.utils import prune
 
 from conftest import write_tiny_fashion_mnist
 from prunelab.cli import EXPORT_FORMATS, main
-from prunelab.config import build_config
+from prunelab.config.build import build_config
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, run
-from prunelab.export import FORMATS, export_onnx, save_dense
+from prunelab.runs.experiment import Runtime, run
+from prunelab.deploy.export import FORMATS, export_onnx, save_dense
 from prunelab.models import build_model
-from prunelab.sparse_format import load_sparse, read_metadata
-from prunelab.store import Store
+from prunelab.deploy.sparse_format import load_sparse, read_metadata
+from prunelab.runs.store import Store
 
 needs_onnx = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")),

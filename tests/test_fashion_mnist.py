@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prunelab.config import build_config
-from prunelab.experiment import Runtime, run
+from prunelab.config.build import build_config
+from prunelab.runs.experiment import Runtime, run
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (REAL / "train-images-idx3-ubyte.gz").exists(),

@@ -22,7 +22,7 @@ import pytest
 from conftest import write_tiny_fashion_mnist
 from prunelab.cli import main
 from prunelab.data.idx import write_idx
-from prunelab.store import Store
+from prunelab.runs.store import Store
 
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--epochs", "1"]
 IMAGES = "fashion-mnist/train-images-idx3-ubyte.gz"

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import max_diff, prune_
 from prunelab.errors import UserError
-from prunelab.inference import SparseLinear, sparse_inference, sparsify_linears
+from prunelab.deploy.inference import SparseLinear, sparse_inference, sparsify_linears
 from prunelab.models import build_model
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
@@ -139,7 +139,7 @@ def test_example_input_check_catches_a_wrong_result(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     broken = nn.Sequential(nn.Linear(4, 3))
-    monkeypatch.setattr("prunelab.inference.shrink_model", lambda m: broken)
+    monkeypatch.setattr("prunelab.deploy.inference.shrink_model", lambda m: broken)
     with pytest.raises(RuntimeError, match="changed the model's output"):
         sparse_inference(model, example_input=torch.randn(2, 4))
 

@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunelab.config import build_config, flatten, parse_set, run_id, to_dict
+from prunelab.config.build import build_config, flatten, parse_set
+from prunelab.config.identity import run_id, to_dict
 from prunelab.errors import UserError
 from prunelab.methods import METHODS
 from prunelab.sparsity.allocate import ALLOCATIONS, allocate

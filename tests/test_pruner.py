@@ -198,6 +198,32 @@ def test_prune_by_given_scores_random_and_taylor() -> None:
     assert count_kept(taylor) == round(0.3 * (96 + 24))
 
 
+def test_prune_offers_every_registered_criterion_with_the_methods_masks() -> None:
+    """The API and the methods share one registry: snip, grasp and synflow by name give the
+    masks of the pruning-at-initialisation functions, at exactly the target count."""
+    from prunelab.sparsity import pai
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 12, generator=g), torch.tensor([0, 1, 2] * 3)
+    expected = {
+        "snip": lambda m, ps: pai.snip_masks(m, ps, x, y, 0.25),
+        "grasp": lambda m, ps: pai.grasp_masks(m, ps, x, y, 0.25),
+        "synflow": lambda m, ps: pai.synflow_masks(m, ps, 0.25, "global", (12,)),
+    }
+    for name, reference in expected.items():
+        model = net()
+        want = reference(model, prunable_parameters(model))
+        got = prunelab.prune(net(), 0.75, name, batches=[(x, y)])
+        assert count_kept(got) == round(0.25 * 120), name
+        assert all(torch.equal(got[n], want[n]) for n in want), name
+    with pytest.raises(UserError, match="needs input_shape"):
+        prunelab.prune(net(), 0.5, "synflow")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -22,7 +22,7 @@ import torch
 
 import reliability_harness as harness
 from prunelab.errors import UserError
-from prunelab.store import CHECKPOINT_MAGIC, RunFolder, Store, load_checkpoint
+from prunelab.runs.store import CHECKPOINT_MAGIC, RunFolder, Store, load_checkpoint
 
 SENTINEL_CODE = "open({path!r}, 'w').write('ran')"
 
@@ -281,7 +281,7 @@ def test_a_killed_lock_holder_leaves_no_stale_lock(tiny_data_dir: Path, tmp_path
     store = tmp_path / "store"
     rid = "abcdef012345"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from prunelab.store import Store\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from prunelab.runs.store import Store\n"
          f"with Store(Path({str(store)!r})).lock({rid!r}):\n    print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import max_diff, prune_
 from prunelab.models import build_model
-from prunelab.shrink import shrink
+from prunelab.deploy.shrink import shrink
 
 
 def _randomize_(model: nn.Module) -> nn.Module:

@@ -18,9 +18,9 @@ import torch
 from memory_cap import requires_proc, user_error_under_cap
 
 from prunelab.errors import UserError
-from prunelab.export import save_dense
+from prunelab.deploy.export import save_dense
 from prunelab.models import build_model
-from prunelab.sparse_format import (
+from prunelab.deploy.sparse_format import (
     choose_encoding,
     encoding_sizes,
     load_sparse,
@@ -33,7 +33,7 @@ from prunelab.sparsity.mask import prunable_parameters
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
 SHAPES = [(), (1,), (1, 1), (9,), (40, 33), (6, 3, 5, 5), (0, 3), (4, 0), (300, 70)]
 SPARSITIES = [0.0, 0.5, 0.95, 1.0]
-ENTRY_BYTES = 96  # prunelab.sparse_format._ENTRY_BYTES: what one header entry is counted as
+ENTRY_BYTES = 96  # prunelab.deploy.sparse_format._ENTRY_BYTES: what one header entry is counted as
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -385,7 +385,7 @@ def _empty_csr(name: str, shape: list[int], dtype: str = "bool") -> tuple[dict, 
     return {name: entry}, parts
 
 
-_LOAD = "from prunelab.sparse_format import load_sparse"
+_LOAD = "from prunelab.deploy.sparse_format import load_sparse"
 
 
 @requires_proc
@@ -429,7 +429,7 @@ _MEASURE = """
 import json, sys
 from pathlib import Path
 import safetensors, safetensors.torch
-from prunelab.sparse_format import _decode_bytes, load_sparse
+from prunelab.deploy.sparse_format import _decode_bytes, load_sparse
 
 
 def status(key):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from prunelab.config import build_config
+from prunelab.config.build import build_config
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, run
-from prunelab.store import BUNDLE_FILES, RunBundle, Store
+from prunelab.runs.experiment import Runtime, run
+from prunelab.runs.store import BUNDLE_FILES, RunBundle, Store
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import pytest
 
 from prunelab.cli import main
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, data_identities
-from prunelab.store import Store
-from prunelab.sweep import LocalExecutor, expand, pretraining, read_sweep, sweep
+from prunelab.runs.experiment import Runtime, data_identities
+from prunelab.runs.store import Store
+from prunelab.runs.sweep import LocalExecutor, expand, pretraining, read_sweep, sweep
 
 TINY = "data.val_size: 200, train.batch_size: 100"
 

@@ -13,13 +13,13 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prunelab[ray]'): --executor ray untested")
 
-import prunelab.ray_executor  # noqa: E402 (after the skip)
+import prunelab.runs.executors.ray  # noqa: E402 (after the skip)
 from prunelab.cli import main  # noqa: E402
-from prunelab.config import RunConfig  # noqa: E402
-from prunelab.experiment import Runtime, data_identities, identify  # noqa: E402
-from prunelab.ray_executor import RayExecutor, run_in_temp_store  # noqa: E402
-from prunelab.store import BUNDLE_FILES, RunBundle, Store  # noqa: E402
-from prunelab.sweep import Outcome, expand, identified, pretrained_dense, read_sweep, sweep  # noqa: E402
+from prunelab.config.schema import RunConfig  # noqa: E402
+from prunelab.runs.experiment import Runtime, data_identities, identify  # noqa: E402
+from prunelab.runs.executors.ray import RayExecutor, run_in_temp_store  # noqa: E402
+from prunelab.runs.store import BUNDLE_FILES, RunBundle, Store  # noqa: E402
+from prunelab.runs.sweep import Outcome, expand, identified, pretrained_dense, read_sweep, sweep  # noqa: E402
 
 BASE = "epochs: 1, data.val_size: 200, train.batch_size: 100"
 
@@ -90,7 +90,7 @@ def test_a_task_whose_worker_dies_is_stored_failed(tiny_data_dir: Path, tmp_path
         return run_in_temp_store(cfg, runtime, seed)
 
     # A local function, so Ray ships it by value to the workers.
-    monkeypatch.setattr(prunelab.ray_executor, "run_in_temp_store", dies_on_seed_1)
+    monkeypatch.setattr(prunelab.runs.executors.ray, "run_in_temp_store", dies_on_seed_1)
     points = expand(read_sweep(_sweep_file(tmp_path, "{method: [dense], seed: [0, 1]}")))
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), RayExecutor())
     assert (result.done, result.failed) == (1, 1)

@@ -17,10 +17,10 @@ import pytest
 import prunelab
 from prunelab.cli import main
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime
+from prunelab.runs.experiment import Runtime
 from prunelab.faults import ENV as FAULT_ENV
-from prunelab.store import Store
-from prunelab.sweep import (
+from prunelab.runs.store import Store
+from prunelab.runs.sweep import (
     FAULT_RUN_ENV,
     MAX_POINTS,
     LocalExecutor,

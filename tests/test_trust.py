@@ -16,9 +16,10 @@ import torch
 from conftest import write_tiny_fashion_mnist
 
 from prunelab.cli import main
-from prunelab.config import build_config, run_id
+from prunelab.config.build import build_config
+from prunelab.config.identity import run_id
 from prunelab.data import load_splits
-from prunelab.store import INDEX, Store
+from prunelab.runs.store import INDEX, Store
 
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--epochs", "2"]
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -309,7 +310,7 @@ def test_a_full_disk_during_the_index_write_is_said_as_such(
     finished: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _ = finished
-    import prunelab.store as store_module
+    import prunelab.runs.store as store_module
 
     monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     s = Store(store)

@@ -6,9 +6,9 @@ The library API for your own models and loops (the CLI is ``prunelab``):
 to run it faster on CPU.
 """
 
-from prunelab.inference import sparse_inference
-from prunelab.pruner import ProgressivePruner, prune
-from prunelab.sparse_format import load_sparse, save_sparse
+from prunelab.deploy.inference import sparse_inference
+from prunelab.sparsity.pruner import ProgressivePruner, prune
+from prunelab.deploy.sparse_format import load_sparse, save_sparse
 
 __all__ = ["ProgressivePruner", "load_sparse", "prune", "save_sparse", "sparse_inference"]
 

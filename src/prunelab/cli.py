@@ -24,7 +24,7 @@ from prunelab.io import json_text
 FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size", "threads")
 # Flags of `prunelab run` for config fields without a short alias: argparse dest -> config key.
 FIELD_FLAGS = {"precision": "train.precision", "channels_last": "train.channels_last"}
-# prunelab.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
+# prunelab.deploy.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
 EXPORT_FORMATS = ("dense", "sparse", "onnx")
 
 
@@ -141,7 +141,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime(args: argparse.Namespace) -> Any:
-    from prunelab.experiment import Runtime
+    from prunelab.runs.experiment import Runtime
 
     return Runtime(
         store=_store_dir(args.store),
@@ -161,8 +161,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from prunelab.config import load_config
-    from prunelab.experiment import run
+    from prunelab.config.build import load_config
+    from prunelab.runs.experiment import run
 
     from prunelab.training.distributed import session
 
@@ -183,8 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from prunelab.store import Store
-    from prunelab.sweep import expand, identified, pretraining, read_sweep, sweep
+    from prunelab.runs.store import Store
+    from prunelab.runs.sweep import expand, identified, pretraining, read_sweep, sweep
 
     executor = _sweep_executor(args)
     spec = read_sweep(args.file)
@@ -198,7 +198,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     session: AbstractContextManager[None] = nullcontext()
     if args.executor == "ray":
-        from prunelab.ray_executor import ray_session
+        from prunelab.runs.executors.ray import ray_session
 
         session = ray_session()  # Ray, started or joined for the first run to do, is shut down at the end
     with session:
@@ -217,7 +217,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep_executor(args: argparse.Namespace) -> Any:
     """The executor ``--executor`` names, its options checked (the other executor's options refused)."""
     if args.executor == "local":
-        from prunelab.sweep import LocalExecutor
+        from prunelab.runs.sweep import LocalExecutor
 
         given = [flag for flag, value in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run),
                                           ("--gpus-per-run", args.gpus_per_run)) if value is not None]
@@ -227,7 +227,7 @@ def _sweep_executor(args: argparse.Namespace) -> Any:
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         return LocalExecutor(workers)
-    from prunelab.ray_executor import RayExecutor
+    from prunelab.runs.executors.ray import RayExecutor
 
     if args.workers is not None:
         raise UserError("--workers is for --executor local; on Ray, --cpus-per-run sets how many runs share a node")
@@ -258,14 +258,10 @@ def _print_plan(points: list[Any], shared: dict[str, Any], store: Any, as_json: 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from prunelab.config.build import key_value
     from prunelab.report import write_report
 
-    where = {}
-    for item in args.where:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--where expects field=value, got {item!r}")
-        where[key.strip()] = value.strip()
+    where = dict(key_value(item, "--where", "field=value") for item in args.where)
     paths = write_report(_store_dir(args.store), args.out, where, args.layer_sparsity)
     if args.json:
         print(json_text([str(p) for p in paths]))
@@ -290,7 +286,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         rows = [{"name": e.name, "summary": e.summary} for e in DATASETS]
     else:
-        from prunelab.store import Store
+        from prunelab.runs.store import Store
 
         rows = [_run_row(r.run_id, r.status, r.summary or {}, r.method, r.model, r.dataset, r.target_sparsity,
                          r.seed) for r in Store.reader(_store_dir(args.store)).records()]
@@ -312,7 +308,7 @@ def _run_row(rid: str, status: str, s: dict[str, Any], method: str, model: str, 
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from prunelab.store import Store
+    from prunelab.runs.store import Store
 
     store, found = Store.repaired(_store_dir(args.store))
     by_status: dict[str, int] = {}
@@ -335,7 +331,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from prunelab.store import Store
+    from prunelab.runs.store import Store
 
     store = Store.reader(_store_dir(args.store))
     record = store.get(store.resolve_id(args.run_id))
@@ -353,7 +349,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from prunelab.export import export_run
+    from prunelab.deploy.export import export_run
 
     result = export_run(_store_dir(args.store), args.run_id, args.fmt, args.out, args.force)
     if args.json:

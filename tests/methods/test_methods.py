@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from prunelab.config import build_config
-from prunelab.experiment import Runtime, run
+from prunelab.config.build import build_config
+from prunelab.runs.experiment import Runtime, run
 from prunelab.methods import METHODS
-from prunelab.store import RunFolder, Store
+from prunelab.runs.store import RunFolder, Store
 from prunelab.training.loop import Trainer
 
 TINY = {"data.val_size": 200, "train.batch_size": 100, "epochs": 1}  # 1000 train images: 10 steps/epoch
@@ -103,7 +103,7 @@ class CycleSpy:
 
 
 def _init_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    from prunelab.experiment import seed_everything
+    from prunelab.runs.experiment import seed_everything
     from prunelab.models import build_model
 
     seed_everything(seed)

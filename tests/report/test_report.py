@@ -25,7 +25,7 @@ from prunelab.report import (
     write_report,
 )
 from prunelab.report import plots
-from prunelab.store import MASK, Store
+from prunelab.runs.store import MASK, Store
 
 LAYERS = {"fc1.weight": (8, 10), "fc2.weight": (4, 8), "fc3.weight": (2, 4)}  # 120 weights
 N_WEIGHTS = sum(a * b for a, b in LAYERS.values())

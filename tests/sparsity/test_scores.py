@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import UserError
+from prunelab.sparsity.criteria import CRITERIA, Probe, Target
 from prunelab.sparsity.scores import (
-    CRITERIA,
     hessian,
     hessian_diagonal,
     magnitude,
@@ -131,7 +131,7 @@ def test_hessian_is_deterministic_under_the_generator() -> None:
 
 
 def test_criteria_registry() -> None:
-    assert CRITERIA.names() == ["magnitude", "taylor", "hessian"]
+    assert CRITERIA.names() == ["magnitude", "taylor", "hessian", "random", "snip", "grasp", "synflow"]
     with pytest.raises(UserError, match="did you mean 'taylor'"):
         CRITERIA.get("tailor")
 
@@ -144,12 +144,16 @@ def test_every_criterion_leaves_the_model_untouched(name: str, training: bool) -
     net[0].weight.grad = torch.full_like(net[0].weight, 0.5)  # a stale gradient stays as it was
     state = copy.deepcopy(net.state_dict())
     modes = [m.training for m in net.modules()]
-    batches = _batches(seed=2, n=2, size=5, features=4, classes=3)
-    scores = CRITERIA.get(name)(net, params, batches, torch.Generator().manual_seed(0))
-    assert set(scores) == set(params)
+    batches = tuple(_batches(seed=2, n=2, size=5, features=4, classes=3))
+    probe = Probe(net, params, batches, (4,), torch.Generator().manual_seed(0))
+    criterion = CRITERIA.get(name)
+    masks = criterion.masks(probe, Target(0.5), criterion.settings())
+    assert set(masks) == set(params)
     assert all(
-        scores[n].shape == p.shape and not scores[n].requires_grad for n, p in params.items()
+        masks[n].shape == p.shape and masks[n].dtype == torch.bool and not masks[n].requires_grad
+        for n, p in params.items()
     )
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * sum(p.numel() for p in params.values()))
     assert all(
         torch.equal(v, net.state_dict()[k]) for k, v in state.items()
     )  # weights and BN stats

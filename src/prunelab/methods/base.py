@@ -15,7 +15,7 @@ from prunelab.errors import UserError
 from prunelab.registry import Registry
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
     from prunelab.methods.context import Context
 
 

@@ -3,14 +3,14 @@
 Every operation that changes state goes through here, so that a resumed run
 can re-execute its method program cheaply: while the trainer is *replaying*
 (re-running the program up to the interrupted cycle), pruning, rewinding and
-loading are skipped, because the checkpoint of the interrupted cycle restores
-the model, the masks, the cost and :attr:`Trainer.extra` anyway.
+loading are skipped (:func:`~prunelab.training.resume.skipped_while_replaying`),
+because the checkpoint of the interrupted cycle restores the model, the
+masks, the cost and :attr:`Trainer.extra` anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,9 +20,11 @@ import torch
 from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.mask import Masks, collapsed_layers, count_kept, count_total
 from prunelab.training.loop import Cost, CycleResult, StepHook, Trainer
+from prunelab.training.resume import skipped_while_replaying
+from prunelab.training.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,13 @@ class Context:
         """Start from the trained dense network of the same recipe (its cost is added to this run's)."""
         if self.pretrained is None:
             raise RuntimeError("this context has no source of pretrained dense networks")
-        if self.trainer.replaying:
-            return
-        dense = self.pretrained()
+        self._load_pretrained(self.pretrained)
+
+    @skipped_while_replaying
+    def _load_pretrained(self, pretrained: Callable[[], Pretrained]) -> None:
+        dense = pretrained()
         self.trainer.model.load_state_dict(dense.weights)
-        cost = self.trainer.cost
-        for f in dataclasses.fields(Cost):
-            setattr(cost, f.name, getattr(cost, f.name) + getattr(dense.cost, f.name))
+        self.trainer.cost.add(dense.cost)
         self.reused.append(dense.run_id)
         self.notes.append(f"dense pretraining is run {dense.run_id}; its cost is included in this run's")
 
@@ -134,8 +136,7 @@ class Context:
 
     def generator(self, purpose: str) -> torch.Generator:
         """A CPU generator for ``purpose``, seeded by (seed, purpose, cycles so far): reproducible on resume."""
-        text = f"prunelab/{self.cfg.seed}/{purpose}/{self.trainer.cycle_index}"
-        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+        return torch.Generator().manual_seed(derive_seed(self.cfg.seed, purpose, self.trainer.cycle_index, keep="high"))
 
     def sample(self, n: int, purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random training images and labels (for data-dependent criteria)."""
@@ -148,10 +149,9 @@ class Context:
         current = self.trainer.masker.masks if monotone else None
         return allocate(scores, density, self.cfg.prune.allocation, current)
 
+    @skipped_while_replaying
     def set_masks(self, masks: Masks) -> None:
         """Install masks (pruned weights and their optimizer state become 0) and guard against layer collapse."""
-        if self.trainer.replaying:
-            return
         self.trainer.set_masks(masks)
         self.check_collapse()
 
@@ -164,21 +164,21 @@ class Context:
                 self.notes.append(note)
         return collapsed
 
+    @skipped_while_replaying
     def prune(self, scores: Mapping[str, torch.Tensor], density: float) -> None:
         """Monotone pruning of the current network to ``density`` by ``scores``."""
-        if not self.trainer.replaying:
-            self.set_masks(self.allocate(scores, density))
+        self.set_masks(self.allocate(scores, density))
 
     # ------------------------------------------------------------ rewinding
 
+    @skipped_while_replaying
     def save_point(self, name: str) -> None:
         """Remember the current weights (and buffers) under ``name``; kept across interruptions."""
-        if not self.trainer.replaying:
-            state = self.trainer.model.state_dict()
-            self.trainer.extra[name] = {k: v.detach().clone() for k, v in state.items()}
+        state = self.trainer.model.state_dict()
+        self.trainer.extra[name] = {k: v.detach().clone() for k, v in state.items()}
 
+    @skipped_while_replaying
     def rewind(self, name: str) -> None:
         """Reset the network to the saved point ``name``; pruned weights stay 0."""
-        if not self.trainer.replaying:
-            self.trainer.model.load_state_dict(self.trainer.extra[name])
-            self.trainer.masker.apply_to_weights()
+        self.trainer.model.load_state_dict(self.trainer.extra[name])
+        self.trainer.masker.apply_to_weights()

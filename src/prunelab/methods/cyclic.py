@@ -15,23 +15,28 @@ from typing import TYPE_CHECKING
 from prunelab.errors import UserError
 from prunelab.methods.base import Plan, check_counts, register_method
 from prunelab.methods.context import Context
-from prunelab.methods.scoring import PAI_SCORES, prune_by
+from prunelab.methods.scoring import prune_by
+from prunelab.sparsity import criteria
 from prunelab.sparsity.allocate import global_masks
+from prunelab.sparsity.knobs import ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE
 from prunelab.sparsity.scores import magnitude
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
+
+
+AT_INIT = criteria.names(at_init=True)
 
 
 @dataclass(frozen=True)
 class CyclicSettings:
     """The initial mask's criterion and the number of cycles."""
 
-    score: str = field(default="random", metadata={"help": "criterion at init: " + ", ".join(PAI_SCORES)})
+    score: str = field(default="random", metadata={"help": "criterion at init: " + ", ".join(AT_INIT)})
     cycles: int = field(default=4, metadata={"help": "cycles of the LR schedule with the fixed mask (C)"})
-    temperature: float = field(default=200.0, metadata={"help": "grasp: softmax temperature"})
-    samples_per_class: int = field(default=10, metadata={"help": "grasp: training images per class"})
-    iterations: int = field(default=100, metadata={"help": "synflow: pruning iterations"})
+    temperature: float = TEMPERATURE.field("grasp")
+    samples_per_class: int = SAMPLES_PER_CLASS.field("grasp")
+    iterations: int = ITERATIONS.field("synflow")
 
     def __post_init__(self) -> None:
         check_counts(self, 1, "samples_per_class", "iterations")
@@ -46,8 +51,8 @@ class SculptSettings(CyclicSettings):
 
 def _check(cfg: RunConfig) -> RunConfig:
     s = cfg.method.settings
-    if s.score not in PAI_SCORES:
-        raise UserError(f"unknown criterion at init {s.score!r}; choose one of: {', '.join(PAI_SCORES)}")
+    if s.score not in AT_INIT:
+        raise UserError(f"unknown criterion at init {s.score!r}; choose one of: {', '.join(AT_INIT)}")
     if s.cycles < 1:
         raise UserError(f"method.cycles must be at least 1, got {s.cycles}")
     if isinstance(s, SculptSettings) and not 0 <= s.initial_sparsity <= cfg.prune.sparsity:

@@ -9,7 +9,7 @@ from prunelab.methods.base import NoSettings, register_method
 from prunelab.methods.context import Context
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
 
 
 def _no_target(cfg: RunConfig) -> RunConfig:

@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING
 from prunelab.methods.base import NoSettings, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
+from prunelab.sparsity.knobs import ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
 
 
 @dataclass(frozen=True)
 class GraspSettings:
     """GraSP's data sample and temperature (Wang et al. 2020)."""
 
-    temperature: float = field(default=200.0, metadata={"help": "softmax temperature on the logits"})
-    samples_per_class: int = field(default=10, metadata={"help": "training images per class"})
+    temperature: float = TEMPERATURE.field()
+    samples_per_class: int = SAMPLES_PER_CLASS.field()
 
     def __post_init__(self) -> None:
         check_counts(self, 1, "samples_per_class")
@@ -39,7 +40,7 @@ class GraspSettings:
 class SynflowSettings:
     """SynFlow's iterations (Tanaka et al. 2020)."""
 
-    iterations: int = field(default=100, metadata={"help": "pruning iterations, density d^(k/n)"})
+    iterations: int = ITERATIONS.field()
 
     def __post_init__(self) -> None:
         check_counts(self, 1, "iterations")

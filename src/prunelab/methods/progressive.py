@@ -14,18 +14,15 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from prunelab.errors import UserError
 from prunelab.methods.base import register_method
 from prunelab.methods.context import Context
-from prunelab.sparsity.allocate import allocate
+from prunelab.sparsity.pruner import MagnitudeRamp
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.sparsity.scores import magnitude
 from prunelab.training.loop import Trainer
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
 
 
 @dataclass(frozen=True)
@@ -64,37 +61,21 @@ def _check(cfg: RunConfig) -> RunConfig:
 
 
 class ProgressiveHook:
-    """Recomputes the mask at the schedule's update steps."""
+    """Drives the library's :class:`MagnitudeRamp` from the trainer, before the batch of each step."""
 
-    def __init__(self, schedule: PolynomialSchedule, allocation: str, monotone: bool) -> None:
-        self.schedule = schedule
-        self.allocation = allocation
-        self.monotone = monotone
-        # Non-monotone only: the value each pruned weight had when it was pruned.
-        self.shadow: dict[str, torch.Tensor] = {}
+    def __init__(self, ramp: MagnitudeRamp) -> None:
+        self.ramp = ramp
 
     def before_step(self, step: int, trainer: Trainer) -> None:
-        if not self.schedule.is_update(step):
-            return
-        density = 1.0 - self.schedule.sparsity_at(step)
-        params, old = trainer.masker.params, trainer.masker.masks
-        if self.monotone:
-            masks = allocate(magnitude(params), density, self.allocation, old)
+        masks = self.ramp.masks_at(step, trainer.masker.params, trainer.masker.masks)
+        if masks is not None:
             trainer.set_masks(masks)
-            return
-        values = {n: torch.where(old[n], p.detach(), self.shadow.get(n, p.detach())) for n, p in params.items()}
-        masks = allocate(magnitude(values), density, self.allocation, None)
-        with torch.no_grad():
-            for n, p in params.items():
-                self.shadow[n] = torch.where(masks[n], torch.zeros_like(p), values[n])
-                p.copy_(torch.where(masks[n], values[n], p))  # revived weights get their old value back
-        trainer.set_masks(masks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": dict(self.shadow)}
+        return self.ramp.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow = dict(state.get("shadow", {}))
+        self.ramp.load_state_dict(state)
 
 
 @register_method(
@@ -116,4 +97,4 @@ def run(ctx: Context, s: ProgressiveSettings) -> None:
         every=every,
         power=s.power,
     )
-    ctx.train_cycle("train", hook=ProgressiveHook(schedule, ctx.cfg.prune.allocation, s.monotone))
+    ctx.train_cycle("train", hook=ProgressiveHook(MagnitudeRamp(schedule, ctx.cfg.prune.allocation, s.monotone)))

@@ -17,19 +17,24 @@ from typing import TYPE_CHECKING
 from prunelab.errors import UserError
 from prunelab.methods.base import Plan, check_counts, register_method
 from prunelab.methods.context import Context
-from prunelab.methods.scoring import TRAINED_SCORES, prune_by
+from prunelab.methods.scoring import prune_by
+from prunelab.sparsity import criteria
+from prunelab.sparsity.knobs import BATCHES
 from prunelab.sparsity.schedules import ITERATIVE_SCHEDULES, iterative_sparsities
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
+
+
+TRAINED = criteria.names(trained=True)
 
 
 @dataclass(frozen=True)
 class OneShotSettings:
     """Criterion and fine-tuning of one-shot pruning."""
 
-    score: str = field(default="magnitude", metadata={"help": "magnitude, taylor or hessian"})
-    batches: int = field(default=8, metadata={"help": "taylor/hessian: training batches averaged"})
+    score: str = field(default="magnitude", metadata={"help": "criterion: " + ", ".join(TRAINED)})
+    batches: int = BATCHES.field("taylor/hessian")
     finetune_epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (None: train.epochs)"})
     finetune_lr: float | None = field(default=None, metadata={"help": "fine-tuning lr (None: train.lr / 10)"})
     patience: int = field(default=0, metadata={"help": "early-stopping patience in epochs (0: fixed epochs)"})
@@ -62,8 +67,8 @@ class IterativeSettings(OneShotSettings):
 
 def _check(cfg: RunConfig) -> RunConfig:
     s = cfg.method.settings
-    if s.score not in TRAINED_SCORES:
-        raise UserError(f"unknown criterion {s.score!r}; choose one of: {', '.join(TRAINED_SCORES)}")
+    if s.score not in TRAINED:
+        raise UserError(f"unknown criterion {s.score!r}; choose one of: {', '.join(TRAINED)}")
     if s.patience < 0 or (s.finetune_epochs is not None and s.finetune_epochs < 1):
         raise UserError("method.patience must be >= 0 and method.finetune_epochs >= 1")
     if isinstance(s, IterativeSettings):

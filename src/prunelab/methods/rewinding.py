@@ -28,7 +28,7 @@ from prunelab.sparsity.scores import magnitude
 from prunelab.training.loop import Trainer
 
 if TYPE_CHECKING:
-    from prunelab.config import RunConfig
+    from prunelab.config.schema import RunConfig
 
 REWIND = re.compile(r"^(0|(\d+)(ep|it))$")
 

@@ -1,77 +1,67 @@
-"""Criteria by name: from a context and a target density to masks.
+"""Criteria for the methods: the data each registered criterion needs, drawn from the run.
 
-Two families share one entry point, :func:`prune_by`:
-- criteria for trained networks (methods.md section 2): ``magnitude``,
-  ``taylor`` (first order, |w dL/dw| averaged over batches), ``hessian``
-  (Optimal Brain Damage saliency with a Hutchinson estimate of diag H);
-- pruning at initialisation (section 4): ``random``, ``snip``, ``grasp``,
-  ``synflow`` (and ``magnitude`` at init).
-All of them allocate with the config's ``prune.allocation`` (global,
-layerwise or erk) and keep exactly the target count.
+The criteria themselves, with their settings and defaults, are registered
+once in :mod:`prunelab.sparsity.criteria`; here a method's context supplies
+what a criterion looks at (training batches, a class-balanced sample, the
+input shape), each drawn from its own generator so that a resumed run draws
+the same data. All criteria allocate with the config's ``prune.allocation``
+and keep exactly the target count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from prunelab.methods.context import Context
-from prunelab.sparsity import pai, scores
+from prunelab.sparsity import pai
+from prunelab.sparsity.criteria import CRITERIA, Needs, Probe, Target
 from prunelab.sparsity.mask import Masks
 
-TRAINED_SCORES = ("magnitude", "taylor", "hessian")
-PAI_SCORES = ("random", "magnitude", "snip", "grasp", "synflow")
+
+def _weights(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
+    trainer = ctx.trainer
+    return Probe(trainer.model, trainer.masker.params, generator=ctx.generator(name))
 
 
-KNOBS = ("batches", "temperature", "samples_per_class", "iterations")
-
-
-def knobs(settings: object) -> dict[str, object]:
-    """The criterion knobs a method's settings carry (each method declares only those it uses)."""
-    return {k: getattr(settings, k) for k in KNOBS if hasattr(settings, k)}
-
-
-def masks_by(
-    ctx: Context,
-    score: str,
-    density: float,
-    batches: int = 8,
-    temperature: float = 200.0,
-    samples_per_class: int = 10,
-    iterations: int = 100,
-) -> Masks:
-    """Masks at ``density`` by criterion ``score`` on the current network (monotone).
-
-    Defaults are the original authors' settings: GraSP uses temperature 200
-    and about 10 images per class, SynFlow 100 iterations; Taylor and Hessian
-    scores average over ``batches`` training batches.
-    """
-    model, params, masks = ctx.trainer.model, ctx.trainer.masker.params, ctx.trainer.masker.masks
-    allocation = ctx.cfg.prune.allocation
+def _batches(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
     batch = ctx.cfg.train.batch_size
-    if score == "magnitude":
-        return ctx.allocate(scores.magnitude(params), density)
-    if score == "random":
-        return ctx.allocate(pai.random_scores(params, ctx.generator("random")), density)
-    if score in ("taylor", "hessian"):
-        x, y = ctx.sample(batches * batch, score)
-        batches = list(zip(x.split(batch), y.split(batch)))
-        fn = scores.CRITERIA.get(score)
-        return ctx.allocate(fn(model, params, batches, ctx.generator(f"{score}-probe")), density)
-    if score == "snip":
-        x, y = ctx.sample(batch, "snip")
-        return pai.snip_masks(model, params, x, y, density, allocation, masks)
-    if score == "grasp":
-        data = ctx.trainer.data
-        x, y = pai.balanced_sample(data.train_x, data.train_y, samples_per_class, ctx.generator("grasp"))
-        # GraSP REMOVES the highest S = -w * Hg: grasp_masks keeps the lowest.
-        return pai.grasp_masks(model, params, x, y, density, allocation, temperature, masks)
-    if score == "synflow":
-        spec = ctx.trainer.data.spec
-        shape = (spec.channels, spec.image_size, spec.image_size)
-        return pai.synflow_masks(model, params, density, allocation, shape, iterations, current=masks)
-    raise ValueError(f"unknown criterion {score!r}")
+    x, y = ctx.sample(knobs["batches"] * batch, name)
+    batches = tuple(zip(x.split(batch), y.split(batch)))
+    return Probe(ctx.trainer.model, ctx.trainer.masker.params, batches, generator=ctx.generator(f"{name}-probe"))
 
 
-def prune_by(ctx: Context, score: str, density: float, settings: object = None) -> None:
-    """Prune the current network to ``density`` by ``score`` with the criterion knobs found in
-    ``settings`` (skipped while a resumed run replays)."""
+def _batch(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
+    return Probe(ctx.trainer.model, ctx.trainer.masker.params, (ctx.sample(ctx.cfg.train.batch_size, name),))
+
+
+def _balanced(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
+    data = ctx.trainer.data
+    sample = pai.balanced_sample(data.train_x, data.train_y, knobs["samples_per_class"], ctx.generator(name))
+    return Probe(ctx.trainer.model, ctx.trainer.masker.params, (sample,))
+
+
+def _shape(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
+    spec = ctx.trainer.data.spec
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    return Probe(ctx.trainer.model, ctx.trainer.masker.params, input_shape=shape)
+
+
+_PROBES: dict[Needs, Callable[[Context, str, Mapping[str, Any]], Probe]] = {
+    "weights": _weights, "batches": _batches, "batch": _batch, "balanced": _balanced, "shape": _shape,
+}
+
+
+def masks_by(ctx: Context, name: str, density: float, settings: object = None) -> Masks:
+    """Masks at ``density`` by criterion ``name`` on the current network (monotone), with the
+    criterion's settings taken from ``settings`` where it has them (else the defaults)."""
+    criterion = CRITERIA.get(name)
+    knobs = criterion.settings(settings)
+    probe = _PROBES[criterion.needs](ctx, name, knobs)
+    return criterion.masks(probe, Target(density, ctx.cfg.prune.allocation, ctx.trainer.masker.masks), knobs)
+
+
+def prune_by(ctx: Context, name: str, density: float, settings: object = None) -> None:
+    """Prune the current network to ``density`` by criterion ``name`` (skipped while a resumed run replays)."""
     if not ctx.replaying:
-        ctx.set_masks(masks_by(ctx, score, density, **knobs(settings)))  # type: ignore[arg-type]
+        ctx.set_masks(masks_by(ctx, name, density, settings))

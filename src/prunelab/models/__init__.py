@@ -12,9 +12,10 @@ from torch import nn
 # Imported for their registrations; the names are re-exported for convenience.
 from prunelab.models import convnets, lenet, resnet, vgg
 from prunelab.models.init import init_weights
+from prunelab.models.modes import eval_mode
 from prunelab.models.registry import MODELS, ModelBuilder
 
-__all__ = ["MODELS", "ModelBuilder", "build_model", "init_weights"]
+__all__ = ["MODELS", "ModelBuilder", "build_model", "eval_mode", "init_weights"]
 _FAMILIES = (lenet, convnets, resnet, vgg)
 
 

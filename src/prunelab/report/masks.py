@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from prunelab.store import MASK, Store
+from prunelab.runs.store import MASK, Store
 
 Mask = Mapping[str, torch.Tensor]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunelab.errors import UserError
-from prunelab.store import RunRecord
+from prunelab.runs.store import RunRecord
 
 # Fields of the index row (and of every summary), usable in ``where`` as they are.
 INDEX_FIELDS = ("run_id", "status", "method", "model", "dataset", "seed", "target_sparsity")

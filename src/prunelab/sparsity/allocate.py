@@ -12,13 +12,12 @@ float64 (SynFlow's scores span more than float32's range).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from prunelab.registry import Registry
 from prunelab.sparsity.mask import Masks
-
-ALLOCATIONS = ("global", "layerwise", "erk")
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -174,14 +173,18 @@ def erk_masks(
     return _per_layer_masks(scores, densities, total_keep, current)
 
 
+Allocator = Callable[[Mapping[str, torch.Tensor], float, "Masks | None"], Masks]
+
+#: The allocations by name: the config's ``prune.allocation`` and the API's ``scope``.
+ALLOCATORS: Registry[Allocator] = Registry("allocation")
+ALLOCATORS.register("global", "one ranking over all layers")(global_masks)
+ALLOCATORS.register("layerwise", "the same density in every layer")(layerwise_masks)
+ALLOCATORS.register("erk", "Erdős-Rényi-Kernel layer densities")(erk_masks)
+ALLOCATIONS = tuple(ALLOCATORS.names())
+
+
 def allocate(
     scores: Mapping[str, torch.Tensor], density: float, scheme: str, current: Masks | None = None
 ) -> Masks:
     """Masks keeping ``density`` of the weights, allocated by ``scheme`` (one of ALLOCATIONS)."""
-    if scheme == "global":
-        return global_masks(scores, density, current)
-    if scheme == "layerwise":
-        return layerwise_masks(scores, density, current)
-    if scheme == "erk":
-        return erk_masks(scores, density, current)
-    raise ValueError(f"unknown allocation {scheme!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    return ALLOCATORS.get(scheme)(scores, density, current)

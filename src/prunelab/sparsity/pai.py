@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from prunelab.models.modes import eval_mode
 from prunelab.sparsity.allocate import allocate
+from prunelab.sparsity.knobs import ITERATIONS, TEMPERATURE
 from prunelab.sparsity.mask import Masks, count_kept, count_total, full_masks
-from prunelab.sparsity.scores import Scores, cross_entropy_grads, eval_mode
+from prunelab.sparsity.scores import Scores, cross_entropy_grads
 
 
 def balanced_sample(
@@ -73,7 +75,7 @@ def grasp_scores(
     params: Mapping[str, nn.Parameter],
     x: torch.Tensor,
     y: torch.Tensor,
-    temperature: float = 200.0,
+    temperature: float = TEMPERATURE.default,
 ) -> Scores:
     """GraSP's score S = -w * (H g) (Wang et al. 2020), logits divided by ``temperature``.
 
@@ -98,7 +100,7 @@ def grasp_masks(
     y: torch.Tensor,
     density: float,
     allocation: str = "global",
-    temperature: float = 200.0,
+    temperature: float = TEMPERATURE.default,
     current: Masks | None = None,
 ) -> Masks:
     """Masks keeping the LOWEST GraSP scores (allocation ranks -S, higher = keep)."""
@@ -167,7 +169,7 @@ def synflow_masks(
     density: float,
     allocation: str,
     input_shape: Sequence[int],
-    iterations: int = 100,
+    iterations: int = ITERATIONS.default,
     current: Masks | None = None,
 ) -> Masks:
     """SynFlow (Tanaka et al. 2020): data-free, iterative pruning by synaptic flow.

@@ -6,41 +6,22 @@ module's train/eval flag is restored afterwards. Gradients are taken with
 ``torch.autograd.grad``, which never writes ``.grad``, so scoring leaves the
 parameters, their gradients and the buffers exactly as they were.
 
-:data:`CRITERIA` holds them under one call signature, for methods that pick
-a criterion by name.
+The registry that names them (with pruning at initialisation's criteria) is
+:mod:`prunelab.sparsity.criteria`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.registry import Registry
+from prunelab.models.modes import eval_mode
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Scores = dict[str, torch.Tensor]
-Criterion = Callable[
-    [nn.Module, Mapping[str, nn.Parameter], Sequence[Batch], torch.Generator | None], Scores
-]
-"""(model, prunable parameters, batches of (inputs, labels), generator) -> scores."""
-
-CRITERIA: Registry[Criterion] = Registry("criterion")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode for the block, then restore each module's own flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def cross_entropy_grads(
@@ -147,33 +128,3 @@ def hessian(
     """
     diag = hessian_diagonal(model, params, batches, samples, generator)
     return {name: 0.5 * diag[name] * params[name].detach() ** 2 for name in params}
-
-
-@CRITERIA.register("magnitude", summary="|w|")
-def _magnitude_criterion(
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter],
-    batches: Sequence[Batch],
-    generator: torch.Generator | None,
-) -> Scores:
-    return magnitude(params)
-
-
-@CRITERIA.register("taylor", summary="first-order Taylor |w * dL/dw| averaged over batches")
-def _taylor_criterion(
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter],
-    batches: Sequence[Batch],
-    generator: torch.Generator | None,
-) -> Scores:
-    return taylor(model, params, batches)
-
-
-@CRITERIA.register("hessian", summary="OBD 0.5 * diag(H) * w^2, diag(H) by Hutchinson's estimator")
-def _hessian_criterion(
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter],
-    batches: Sequence[Batch],
-    generator: torch.Generator | None,
-) -> Scores:
-    return hessian(model, params, batches, samples=1, generator=generator)

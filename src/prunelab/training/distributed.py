@@ -28,16 +28,14 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from prunelab.errors import UserError
-
-if TYPE_CHECKING:
-    from prunelab.training.loop import Checkpointer
+from prunelab.training.protocols import Checkpointer
 
 
 class RanksDisagree(RuntimeError):
@@ -192,15 +190,18 @@ class SharedCheckpointer:
     """
 
     def __init__(self, inner: Checkpointer, world: World) -> None:
+        """``inner``: the run folder's own checkpointer, which rank 0 alone writes through."""
         self.inner = inner
         self.world = world
 
     def save(self, state: dict[str, Any]) -> None:
+        """Rank 0 saves ``state``; every rank waits until it has."""
         if self.world.is_main:
             self.inner.save(state)
         self.world.barrier()
 
     def load(self) -> dict[str, Any] | None:
+        """The checkpoint rank 0 finds, on every rank; raises :class:`RanksDisagree` if a rank found another."""
         with self.world.main_first():
             state = self.inner.load()
         where = "none" if state is None else f"{state['cycle']}/{state['epoch']}"

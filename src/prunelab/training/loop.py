@@ -8,35 +8,49 @@ bit-identical on CPU (the data order of an epoch is a pure function of
 (seed, cycle index, epoch) and every RNG state is saved). Under torchrun the
 same loop trains one run on several processes, each on its share of every
 batch (:mod:`prunelab.training.distributed`).
+
+The parts live beside this module: the step and evaluation in
+:mod:`~prunelab.training.step`, cost in :mod:`~prunelab.training.accounting`,
+selection and early stopping in :mod:`~prunelab.training.selection`,
+checkpoints and replay in :mod:`~prunelab.training.resume`, and the
+interfaces in :mod:`~prunelab.training.protocols`. What is left here is the
+order in which they happen.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
-import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunelab.data import Augment, DataSplits, eval_batches, num_batches, train_batches
-from prunelab.errors import Diverged
+from prunelab.data import Augment, DataSplits, num_batches, train_batches
 from prunelab.faults import fault_point
-from prunelab.sparsity.mask import Masker, Masks, layer_densities
-from prunelab.training.cost import dense_train_step_flops, train_step_flops
+from prunelab.sparsity.mask import Masker, Masks, count_kept, mask_sparsity
+from prunelab.training.accounting import Cost, CostMeter
 from prunelab.training.distributed import SINGLE, SharedCheckpointer, World, masks_digest
 from prunelab.training.optim import OptimSettings, build_optimizer, lr_at, set_lr
+from prunelab.training.protocols import Checkpointer, StepHook
+from prunelab.training.resume import Replay, cycle_checkpoint, restore_cycle
+from prunelab.training.seeds import derive_seed
+from prunelab.training.selection import CycleResult, Selection, patience_exhausted, select
+from prunelab.training.step import (
+    PRECISIONS,
+    EpochTally,
+    check_finite,
+    check_validation,
+    evaluate,
+    train_step,
+)
 
-# Arithmetic of the forward pass and the loss: "bf16" runs them under bfloat16 autocast.
-PRECISIONS = ("fp32", "bf16")
+# Re-exported: the rest of prunelab imports these from here.
+__all__ = [
+    "PRECISIONS", "Checkpointer", "Cost", "CycleResult", "LoopSettings", "Selection", "StepHook", "Trainer",
+]
 
 
 @dataclass(frozen=True)
@@ -51,124 +65,15 @@ class LoopSettings:
     precision: str = "fp32"
 
 
-@dataclass
-class Cost:
-    """Training compute spent so far (all cycles of a run)."""
+@dataclass(frozen=True)
+class _Cycle:
+    """What stays fixed for the epochs of one cycle."""
 
-    epochs: float = 0.0
-    steps: int = 0
-    wall_s: float = 0.0
-    train_flops: float = 0.0
-    dense_train_flops: float = 0.0
-
-
-@dataclass
-class Selection:
-    """The validation-selected state of a cycle: best validation accuracy among eligible epochs."""
-
-    val_acc: float = -1.0
-    epoch: int = -1
-    state: dict[str, torch.Tensor] | None = None
-
-
-@dataclass
-class CycleResult:
-    """What a finished cycle hands back to its method."""
-
-    history: list[dict[str, Any]] = field(default_factory=list)
-    selection: Selection = field(default_factory=Selection)
-    improved_epoch: int = -1  # last epoch (1-based) that beat the best validation accuracy by min_delta
-
-
-class Checkpointer(Protocol):
-    """Where a run's checkpoints live (the store implements it; training knows nothing of the store)."""
-
-    def save(self, state: dict[str, Any]) -> None: ...
-
-    def load(self) -> dict[str, Any] | None: ...
-
-
-class StepHook(Protocol):
-    """Called before every optimizer step of a cycle (progressive pruning is one)."""
-
-    def before_step(self, step: int, trainer: Trainer) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def epoch_seed(seed: int, cycle: int, epoch: int) -> int:
-    """Seed of one epoch's data order and augmentation, stable across processes."""
-    digest = hashlib.sha256(f"prunelab/{seed}/{cycle}/{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state, as tensors and lists (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": [py_version, list(py_state), py_gauss],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
-    """The context the forward pass and loss run in: bfloat16 autocast for "bf16" (CPU or CUDA)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, precision: str = "fp32"
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) on an empty split."""
-    if len(y) == 0:
-        return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for xb, yb in eval_batches(x, y, batch_size):
-        with autocast(x.device, precision):
-            out = model(xb)
-        loss += F.cross_entropy(out.float(), yb, reduction="sum")
-        correct += (out.argmax(1) == yb).sum()
-    model.train(was_training)
-    return float(loss) / len(y), int(correct) / len(y)
-
-
-def check_finite(losses: torch.Tensor, model: nn.Module, epoch: int, steps_per_epoch: int) -> None:
-    """Raise :class:`Diverged` naming the first step of the epoch whose loss is not finite, or non-finite weights.
-
-    ``epoch`` is 0-based; the message counts epochs and steps from 1 (steps over the whole cycle).
-    """
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        step = epoch * steps_per_epoch + i + 1
-        raise Diverged(
-            f"training diverged: the loss was {float(losses[i])} at step {step} (epoch {epoch + 1}, "
-            f"batch {i + 1} of {steps_per_epoch}); lower the learning rate or check the data", epoch + 1, step
-        )
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise Diverged(
-            f"training diverged: some weights are not finite after epoch {epoch + 1}; lower the learning rate",
-            epoch + 1, (epoch + 1) * steps_per_epoch,
-        )
+    name: str
+    index: int
+    epochs: int
+    optim: OptimSettings
+    hook: StepHook[Trainer] | None
 
 
 class Trainer:
@@ -202,34 +107,43 @@ class Trainer:
         self.data = data
         self.settings = settings
         self.masker = masker
-        self.layer_flops = dict(layer_flops)
         self.seed = seed
         self.checkpointer = checkpointer
         self.log = log or (lambda record: None)
         self.progress = progress
-        self.cost = Cost()
+        self.meter = CostMeter(layer_flops, masker.masks)
         self.mask_digests: list[str] = []  # per rank, from the last check of a distributed run
         self.optimizer: torch.optim.Optimizer | None = None
         self.cycle_index = 0
         # Method state that must survive an interruption (rewind points); checkpointed with the cycle.
         self.extra: dict[str, Any] = {}
-        self._resume = checkpointer.load() if checkpointer is not None else None
-        self._step_flops = 0.0
-        self._dense_step_flops = dense_train_step_flops(self.layer_flops, 1)
-        self._refresh_step_flops()
+        self.replay = Replay(checkpointer.load() if checkpointer is not None else None)
 
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one epoch (the last partial batch counts)."""
         return num_batches(len(self.data.train_y), self.settings.batch_size)
 
+    @property
+    def cost(self) -> Cost:
+        """Training compute spent so far, all cycles of the run included."""
+        return self.meter.cost
+
+    @property
+    def replaying(self) -> bool:
+        """True while a resumed run re-executes its method up to the interrupted cycle.
+
+        Methods skip state changes (pruning, rewinding, loading) while
+        replaying, up to and including those just before the interrupted cycle
+        starts: its checkpoint restores all of that state when it starts.
+        """
+        return self.replay.active(self.cycle_index)
+
     # ------------------------------------------------------------ masks
 
     def set_masks(self, masks: Masks) -> None:
         """Install new masks: pruned weights and their optimizer state become 0, FLOPs are recounted."""
-        self.masker.set_masks(masks, self.optimizer)
-        self._refresh_step_flops()
-        self.agree_on_masks("the masks after a mask update")
+        self._install_masks(masks, self.optimizer, "the masks after a mask update")
         fault_point("mask")
 
     def agree_on_masks(self, what: str = "the final masks") -> list[str]:
@@ -241,30 +155,22 @@ class Trainer:
             self.mask_digests = self.world.agree(masks_digest(self.masker.masks), what)
         return self.mask_digests
 
+    def _install_masks(self, masks: Masks, optimizer: torch.optim.Optimizer | None, what: str) -> None:
+        self.masker.set_masks(masks, optimizer)
+        self.meter.masks_changed(self.masker.masks)
+        self.agree_on_masks(what)
+
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """Loss and accuracy of the model on (x, y), at the training precision (identical on every rank)."""
         return evaluate(self.model, x, y, self.settings.eval_batch_size, self.settings.precision)
 
-    def _refresh_step_flops(self) -> None:
-        self._step_flops = train_step_flops(self.layer_flops, layer_densities(self.masker.masks), 1)
-
     # ------------------------------------------------------------ the cycle
-
-    @property
-    def replaying(self) -> bool:
-        """True while a resumed run re-executes its method up to the interrupted cycle.
-
-        Methods skip state changes (pruning, rewinding, loading) while
-        replaying, up to and including those just before the interrupted cycle
-        starts: its checkpoint restores all of that state when it starts.
-        """
-        return self._resume is not None and self._resume["cycle"] >= self.cycle_index
 
     def run_cycle(
         self,
         name: str,
         epochs: int,
-        hook: StepHook | None = None,
+        hook: StepHook[Trainer] | None = None,
         select_kept: int | None = None,
         optim: OptimSettings | None = None,
         patience: int = 0,
@@ -279,146 +185,88 @@ class Trainer:
         more than ``min_delta`` for ``patience`` epochs, and continue from the
         best validation epoch's weights (``epochs`` is then the maximum).
         """
-        index = self.cycle_index
+        cycle = _Cycle(name, self.cycle_index, epochs, optim or self.settings.optim, hook)
         self.cycle_index += 1
-        optim = optim or self.settings.optim
-        self.optimizer = build_optimizer(self.model.parameters(), optim)
-        result, start_epoch = CycleResult(), 0
-        resume = self._resume
-        if resume is not None and resume["cycle"] > index:
+        self.optimizer = build_optimizer(self.model.parameters(), cycle.optim)
+        result = CycleResult()
+        if self.replay.skips(cycle.index):
             return result  # finished before the interruption; a later checkpoint restores the state
-        if resume is not None and resume["cycle"] == index:
-            start_epoch = self._restore(resume, hook, result)
-            self._resume = None
+        checkpoint = self.replay.take(cycle.index)
+        start_epoch = self._restore(checkpoint, hook, result) if checkpoint is not None else 0
         started = time.perf_counter()
         for epoch in range(start_epoch, epochs):
-            if patience and result.improved_epoch > 0 and epoch - result.improved_epoch >= patience:
+            if patience_exhausted(result, epoch, patience):
                 break
-            record = self._train_epoch(name, index, epoch, epochs, optim, hook)
-            self.cost.wall_s += time.perf_counter() - started
-            started = time.perf_counter()
-            self._select(result, record, epoch, select_kept, min_delta)
+            record = self._train_epoch(cycle, epoch)
+            now = time.perf_counter()
+            self.meter.count_wall(now - started)
+            started = now
+            select(result, record, epoch, self.model, select_kept, min_delta)
             result.history.append(record)
             self.log(record)
-            self._checkpoint(index, epoch + 1, hook, result)
+            self._checkpoint(cycle, epoch + 1, result)
         if patience and result.selection.state is not None:
             self.model.load_state_dict(result.selection.state)
         return result
 
-    def _train_epoch(
-        self, name: str, index: int, epoch: int, epochs: int, optim: OptimSettings, hook: StepHook | None
-    ) -> dict[str, Any]:
+    def _train_epoch(self, cycle: _Cycle, epoch: int) -> dict[str, Any]:
+        """Train one epoch (0-based) of ``cycle`` and validate; the epoch's metrics record."""
         assert self.optimizer is not None
-        model, masker, opt, s = self.model, self.masker, self.optimizer, self.settings
-        steps_per_epoch = self.steps_per_epoch
-        model.train()
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, index, epoch))
-        batches = train_batches(self.data.train_x, self.data.train_y, s.batch_size, generator, s.augment)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"{name} {epoch + 1}/{epochs}", leave=False,
-                   disable=None if self.progress is None else not self.progress,  # None: only on a TTY
-                   unit="batch", dynamic_ncols=True)
-        device = self.data.train_x.device
-        world = self.world
-        # Each step's loss goes into one tensor (no sync per step); checked for divergence once per epoch.
-        losses = torch.zeros(steps_per_epoch, device=device)
-        sizes = torch.zeros(steps_per_epoch, device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for i, (x, y) in enumerate(bar):
+        opt, s, steps_per_epoch = self.optimizer, self.settings, self.steps_per_epoch
+        self.model.train()
+        # Each step's loss stays on the device (no sync per step); checked for divergence once per epoch.
+        tally = EpochTally(steps_per_epoch, self.data.train_x.device)
+        bar = self._batches(cycle, epoch)
+        for i, batch in enumerate(bar):
             fault_point("step")
             step = epoch * steps_per_epoch + i
-            if hook is not None:
-                hook.before_step(step, self)
-            set_lr(opt, lr_at(step, steps_per_epoch, epochs, optim))
-            n = len(y)  # the global batch: its cost is counted, whatever share of it this process trains
-            x, y, scale = world.shard(x, y)
-            with autocast(device, s.precision):
-                out = self._step_model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=s.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            (loss if scale == 1.0 else loss * scale).backward()
-            masker.apply_to_grads()
-            opt.step()  # pruned weights stay exactly 0: see Masker
-            losses[i] = loss.detach()
-            sizes[i] = len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
-            self.cost.train_flops += self._step_flops * n
-            self.cost.dense_train_flops += self._dense_step_flops * n
+            if cycle.hook is not None:
+                cycle.hook.before_step(step, self)
+            set_lr(opt, lr_at(step, steps_per_epoch, cycle.epochs, cycle.optim))
+            tally.add(i, *train_step(self._step_model, opt, self.masker, self.world, batch,
+                                     s.precision, s.label_smoothing))
+            # The global batch: its cost is counted, whatever share of it this process trained.
+            self.meter.count_step(len(batch[1]))
         bar.close()
-        check_finite(losses, model, epoch, steps_per_epoch)
-        loss_sum = (losses * sizes).sum()
-        masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
-        if world.distributed:
-            # Training figures over the global batches; BatchNorm statistics as rank 0's on every rank,
-            # so that validation, checkpoints and the next masks are the same everywhere.
-            totals = world.sum(torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64))
-            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
-            world.sync_buffers(model)
-        self.cost.steps += steps_per_epoch
-        self.cost.epochs += 1
+        check_finite(tally.losses, self.model, epoch, steps_per_epoch)
+        self.masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
+        train_loss, train_acc = tally.means(self.world)
+        if self.world.distributed:
+            # BatchNorm statistics as rank 0's on every rank, so that validation,
+            # checkpoints and the next masks are the same everywhere.
+            self.world.sync_buffers(self.model)
+        self.meter.count_epoch(steps_per_epoch)
         val_loss, val_acc = self.evaluate(self.data.val_x, self.data.val_y)
-        if not math.isfinite(val_loss):
-            raise Diverged(
-                f"training diverged: the validation loss after epoch {epoch + 1} is {val_loss} "
-                "(the weights overflowed); lower the learning rate", epoch + 1, (epoch + 1) * steps_per_epoch
-            )
-        kept = sum(int(m.sum()) for m in masker.masks.values())
-        total = sum(m.numel() for m in masker.masks.values())
+        check_validation(val_loss, epoch, steps_per_epoch)
+        masks = self.masker.masks
         return {
-            "cycle": index, "phase": name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-            "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
-            "val_loss": val_loss, "val_acc": val_acc, "kept": kept, "sparsity": 1 - kept / total,
+            "cycle": cycle.index, "phase": cycle.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+            "kept": count_kept(masks), "mask_sparsity": mask_sparsity(masks),
         }
 
-    def _select(
-        self, result: CycleResult, record: dict[str, Any], epoch: int, select_kept: int | None, min_delta: float
-    ) -> None:
-        val = record["val_acc"]
-        if select_kept is not None and record["kept"] != select_kept or val != val:  # val != val: NaN
-            return
-        selection = result.selection
-        if val > selection.val_acc + min_delta:
-            result.improved_epoch = epoch + 1
-        if val > selection.val_acc:
-            selection.val_acc, selection.epoch = val, epoch + 1
-            selection.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def _batches(self, cycle: _Cycle, epoch: int) -> tqdm[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's global batches (the same on every rank), behind a progress bar."""
+        s = self.settings
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, cycle.index, epoch))
+        batches = train_batches(self.data.train_x, self.data.train_y, s.batch_size, generator, s.augment)
+        return tqdm(batches, total=self.steps_per_epoch, desc=f"{cycle.name} {epoch + 1}/{cycle.epochs}",
+                    leave=False, disable=None if self.progress is None else not self.progress,  # None: only on a TTY
+                    unit="batch", dynamic_ncols=True)
 
     # ------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, index: int, epochs_done: int, hook: StepHook | None, result: CycleResult) -> None:
+    def _checkpoint(self, cycle: _Cycle, epochs_done: int, result: CycleResult) -> None:
         if self.checkpointer is None:
             return
         assert self.optimizer is not None
-        self.checkpointer.save({
-            "cycle": index,
-            "epoch": epochs_done,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "masks": dict(self.masker.masks),
-            "hook": hook.state_dict() if hook is not None else {},
-            "cost": asdict(self.cost),
-            "rng": rng_state(),
-            "history": result.history,
-            "selection": asdict(result.selection),
-            "improved_epoch": result.improved_epoch,
-            "extra": dict(self.extra),
-        })
+        self.checkpointer.save(cycle_checkpoint(
+            cycle=cycle.index, epochs_done=epochs_done, model=self.model, optimizer=self.optimizer,
+            masks=self.masker.masks, hook=cycle.hook, cost=self.cost, result=result, extra=self.extra,
+        ))
 
-    def _restore(self, state: dict[str, Any], hook: StepHook | None, result: CycleResult) -> int:
+    def _restore(self, state: dict[str, Any], hook: StepHook[Trainer] | None, result: CycleResult) -> int:
         assert self.optimizer is not None
         self.model.load_state_dict(state["model"])
-        self.masker.set_masks(state["masks"])
-        self._refresh_step_flops()
-        self.agree_on_masks("the masks of the checkpoint resumed from")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if hook is not None:
-            hook.load_state_dict(state["hook"])
-        self.cost = Cost(**state["cost"])
-        set_rng_state(state["rng"])
-        result.history.extend(state["history"])
-        result.selection = Selection(**state["selection"])
-        result.improved_epoch = int(state["improved_epoch"])
-        self.extra.clear()
-        self.extra.update(state["extra"])
-        return int(state["epoch"])
+        self._install_masks(state["masks"], None, "the masks of the checkpoint resumed from")
+        return restore_cycle(state, self.optimizer, hook, self.meter, result, self.extra)

@@ -2,7 +2,7 @@
 
 A task trains its config into a private temporary store on whichever node Ray
 places it, then sends back the run's index row and files as a
-:class:`~prunelab.store.RunBundle`; the driver imports the bundle into the
+:class:`~prunelab.runs.store.RunBundle`; the driver imports the bundle into the
 real store. The store therefore never sits on a network file system, where
 SQLite's locking cannot be trusted, and a node needs only prunelab with its
 dependencies and the dataset (at the same ``--data-dir`` path, or downloadable).
@@ -25,11 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prunelab.config import RunConfig
+from prunelab.config.schema import RunConfig
 from prunelab.errors import UserError
-from prunelab.experiment import Runtime, identify
-from prunelab.store import RunBundle, Store
-from prunelab.sweep import Outcome, pretrained_dense, record_crash, work
+from prunelab.runs.experiment import Runtime, identify
+from prunelab.runs.store import RunBundle, Store
+from prunelab.runs.sweep import Outcome, pretrained_dense, record_crash, work
 
 
 def _ray() -> Any:

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from prunelab.data import DATASETS
 from prunelab.errors import UserError
 from prunelab.models import build_model
-from prunelab.sparse_format import plain_state_dict, save_sparse
-from prunelab.store import Store, atomic_torch_save, atomic_write_bytes
+from prunelab.deploy.sparse_format import plain_state_dict, save_sparse
+from prunelab.runs.store import Store, atomic_torch_save, atomic_write_bytes
 
 FORMATS = ("dense", "sparse", "onnx")
 ONNX_OPSET = 17

@@ -25,30 +25,11 @@ import torch
 from torch import nn
 
 from prunelab.errors import UserError
-from prunelab.registry import Registry
-from prunelab.sparsity.allocate import ALLOCATIONS, allocate
+from prunelab.sparsity.allocate import ALLOCATORS, allocate
+from prunelab.sparsity.criteria import CRITERIA, Probe, Target
 from prunelab.sparsity.mask import Masker, Masks, mask_sparsity, prunable_parameters
-from prunelab.sparsity.pai import random_scores
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.sparsity.scores import CRITERIA, Batch, Criterion, Scores, magnitude
-
-SCOPES = Registry[str]("scope")
-for _scope in ALLOCATIONS:
-    SCOPES.register(_scope)(_scope)
-
-
-def _random_criterion(
-    model: nn.Module, params: Mapping[str, nn.Parameter], batches: Sequence[Batch], generator: torch.Generator | None
-) -> Scores:
-    return random_scores(params, generator)
-
-
-PRUNE_CRITERIA = Registry[Criterion]("criterion")
-"""Criteria :func:`prune` takes by name: ``magnitude``, ``taylor`` and ``hessian`` (these two
-score on ``batches``), and ``random``."""
-for _entry in CRITERIA:
-    PRUNE_CRITERIA.register(_entry.name, _entry.summary)(_entry.obj)
-PRUNE_CRITERIA.register("random", "i.i.d. uniform scores")(_random_criterion)
+from prunelab.sparsity.scores import Batch, magnitude
 
 
 def prune(
@@ -62,12 +43,16 @@ def prune(
     optimizer: torch.optim.Optimizer | None = None,
     batches: Sequence[Batch] = (),
     generator: torch.Generator | None = None,
+    input_shape: Sequence[int] = (),
 ) -> Masks:
     """Prune ``model`` once to exactly ``sparsity`` of its prunable weights; return the masks.
 
     Pruned weights are set to 0 in place (and their ``optimizer`` state, when
-    given). ``criterion`` is a name from :data:`PRUNE_CRITERIA` or a mapping
-    from parameter name to scores (higher = keep). ``scope`` is ``global``
+    given). ``criterion`` is a name from :data:`prunelab.sparsity.criteria.CRITERIA`
+    (``prunelab list criteria``) with its default settings, or a mapping from
+    parameter name to scores (higher = keep). Data-driven criteria score on
+    ``batches`` (``snip`` and ``grasp`` on all of them as one sample); ``synflow``
+    needs the ``input_shape`` of one example (default: that of ``batches``). ``scope`` is ``global``
     (one ranking over all layers), ``layerwise`` (the same sparsity in every
     layer) or ``erk`` (Erdős-Rényi-Kernel densities). ``exclude`` holds
     fnmatch patterns of parameter or module names to leave dense; embedding
@@ -76,9 +61,55 @@ def prune(
     (``start == end``) or your own gradient masking.
     """
     params = _prunable(model, exclude, embeddings)
-    masks = allocate(_scores(model, params, criterion, batches, generator), 1.0 - _fraction(sparsity), SCOPES.get(scope))
+    target = Target(1.0 - _fraction(sparsity), ALLOCATORS.entry(scope).name)
+    if isinstance(criterion, str):
+        masks = _by_name(criterion, Probe(model, params, tuple(batches), tuple(input_shape), generator), target)
+    else:
+        masks = allocate(_given(params, criterion), target.density, target.allocation)
     Masker(params).set_masks(masks, optimizer)
     return masks
+
+
+class MagnitudeRamp:
+    """The one mask update of progressive pruning, shared by :class:`ProgressivePruner` and
+    ``prunelab run --method progressive``.
+
+    At each update step of ``schedule`` the masks keep the largest magnitudes
+    at the schedule's density, allocated by ``allocation``. Monotone (the
+    default): only weights still active compete, so a pruned weight never
+    returns. Non-monotone: all weights compete, a pruned weight with the
+    magnitude it had when it was pruned, and a revived weight gets that value back.
+    """
+
+    def __init__(self, schedule: PolynomialSchedule, allocation: str = "global", monotone: bool = True) -> None:
+        self.schedule = schedule
+        self.allocation = ALLOCATORS.entry(allocation).name
+        self.monotone = monotone
+        # Non-monotone only: the value each pruned weight had when it was pruned.
+        self.shadow: dict[str, torch.Tensor] = {}
+
+    def masks_at(self, step: int, params: Mapping[str, nn.Parameter], current: Masks) -> Masks | None:
+        """The new masks if ``step`` is an update step, else None (revived weights restored in place)."""
+        if not self.schedule.is_update(step):
+            return None
+        density = 1.0 - self.schedule.sparsity_at(step)
+        if self.monotone:
+            return allocate(magnitude(params), density, self.allocation, current)
+        values = {n: torch.where(current[n], p.detach(), self.shadow.get(n, p.detach())) for n, p in params.items()}
+        masks = allocate(magnitude(values), density, self.allocation, None)
+        with torch.no_grad():
+            for n, p in params.items():
+                self.shadow[n] = torch.where(masks[n], torch.zeros_like(p), values[n])
+                p.copy_(torch.where(masks[n], values[n], p))
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shadow values of pruned weights (non-monotone; empty otherwise)."""
+        return {"shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.shadow = dict(state.get("shadow", {}))
 
 
 class ProgressivePruner:
@@ -133,7 +164,6 @@ class ProgressivePruner:
             raise UserError(f"initial_sparsity must be in [0, sparsity], got {initial_sparsity}")
         first, last = round(start * steps_per_epoch), round(end * steps_per_epoch)
         self.optimizer = optimizer
-        self.scope = SCOPES.get(scope)
         self.schedule = PolynomialSchedule(
             initial=initial_sparsity,
             final=final,
@@ -142,6 +172,7 @@ class ProgressivePruner:
             every=every if every is not None else (steps_per_epoch if last > first else 1),
             power=power,
         )
+        self.ramp = MagnitudeRamp(self.schedule, scope)
         self.masker = Masker(_prunable(model, exclude, embeddings))
         self.steps = 0
         self._handles = self.masker.register_grad_hooks()
@@ -163,9 +194,8 @@ class ProgressivePruner:
         self._update()
 
     def _update(self) -> None:
-        if self.schedule.is_update(self.steps):
-            density = 1.0 - self.schedule.sparsity_at(self.steps)
-            masks = allocate(magnitude(self.masker.params), density, self.scope, self.masker.masks)
+        masks = self.ramp.masks_at(self.steps, self.masker.params, self.masker.masks)
+        if masks is not None:
             self.masker.set_masks(masks, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,20 +227,21 @@ def _prunable(model: nn.Module, exclude: Sequence[str], embeddings: bool) -> dic
     return params
 
 
-def _scores(
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter],
-    criterion: str | Mapping[str, torch.Tensor],
-    batches: Sequence[Batch],
-    generator: torch.Generator | None,
-) -> Scores:
-    """Scores of the prunable weights by a criterion name or given by the caller."""
-    if not isinstance(criterion, str):
-        missing = set(params) - set(criterion)
-        if missing:
-            raise UserError(f"scores are missing for: {', '.join(sorted(missing))}")
-        return {n: criterion[n] for n in params}
-    fn = PRUNE_CRITERIA.get(criterion)
-    if criterion in ("taylor", "hessian") and not batches:
-        raise UserError(f"criterion {criterion!r} needs batches=[(inputs, labels), ...] to score on")
-    return fn(model, params, batches, generator)
+def _given(params: Mapping[str, nn.Parameter], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The caller's scores of the prunable weights, all of them present."""
+    missing = set(params) - set(scores)
+    if missing:
+        raise UserError(f"scores are missing for: {', '.join(sorted(missing))}")
+    return {n: scores[n] for n in params}
+
+
+def _by_name(name: str, probe: Probe, target: Target) -> Masks:
+    """Masks by the registered criterion ``name`` at its default settings."""
+    criterion = CRITERIA.get(name)
+    if criterion.needs in ("batches", "batch", "balanced") and not probe.batches:
+        raise UserError(f"criterion {name!r} needs batches=[(inputs, labels), ...] to score on")
+    if criterion.needs == "shape" and not probe.input_shape:
+        if not probe.batches:
+            raise UserError(f"criterion {name!r} needs input_shape=(channels, height, width) or batches")
+        probe = Probe(probe.model, probe.params, probe.batches, tuple(probe.batches[0][0].shape[1:]))
+    return criterion.masks(probe, target, criterion.settings())

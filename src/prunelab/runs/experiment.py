@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelab.config import MethodConfig, RunConfig, run_id, to_dict
+from prunelab.config.identity import run_id, to_dict
+from prunelab.config.build import method_config
+from prunelab.config.schema import RunConfig
 from prunelab.data import DataSplits, load_splits
 from prunelab.data.identity import DataIdentity
 from prunelab.errors import Diverged, UserError
@@ -25,7 +27,7 @@ from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
-from prunelab.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
+from prunelab.runs.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
 from prunelab.training import distributed
 from prunelab.training.cost import forward_flops
 from prunelab.training.distributed import World
@@ -259,7 +261,7 @@ def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits
 def dense_config(cfg: RunConfig) -> RunConfig:
     """The dense run of the same recipe (data, model, training, seed)."""
     dense = METHODS.get("dense")
-    return dense.resolve(dataclasses.replace(cfg, method=MethodConfig("dense")))
+    return dense.resolve(dataclasses.replace(cfg, method=method_config("dense")))
 
 
 def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretrained:

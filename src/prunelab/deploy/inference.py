@@ -2,7 +2,7 @@
 
 :func:`sparse_inference` turns a pruned model (zeros baked into its weights)
 into one that computes the same function faster: dead neurons and channels
-are cut out structurally (:func:`prunelab.shrink.shrink`), then every large
+are cut out structurally (:func:`prunelab.deploy.shrink.shrink`), then every large
 enough ``nn.Linear`` whose weight is sparse enough becomes a
 :class:`SparseLinear`, a sparse CSR matrix times the input.
 
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import UserError
-from prunelab.shrink import shrink as shrink_model
-from prunelab.sparsity.scores import eval_mode
+from prunelab.deploy.shrink import shrink as shrink_model
+from prunelab.models.modes import eval_mode
 
 DEFAULT_THRESHOLD = 0.85
 """Weight sparsity at or above which a Linear layer gets the sparse kernel (measured crossover)."""
@@ -182,7 +182,7 @@ def sparse_inference(
 
     ``model`` holds its pruned weights as exact zeros (masks baked in). With
     ``shrink``, dead neurons and channels are removed first
-    (:func:`prunelab.shrink.shrink`; models torch.fx cannot trace skip this
+    (:func:`prunelab.deploy.shrink.shrink`; models torch.fx cannot trace skip this
     step). Then Linear layers with at least ``min_weights`` weights and
     weight sparsity at or above ``threshold`` become :class:`SparseLinear`.
     Convolutions get no sparse kernel.

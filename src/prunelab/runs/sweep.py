@@ -13,7 +13,7 @@ A failing run is recorded in the store with its error; the others go on.
 
 What to run and how it went is decided here; where runs execute is an
 :data:`Executor`: :class:`LocalExecutor` (worker processes on this machine)
-or ``prunelab.ray_executor.RayExecutor`` (tasks on a Ray cluster).
+or ``prunelab.runs.executors.ray.RayExecutor`` (tasks on a Ray cluster).
 
 A grid is refused, from its axis lengths and before anything is built, when it
 has more than :data:`MAX_POINTS` points (``prunelab sweep --max-points N``
@@ -48,12 +48,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prunelab.config import RunConfig, build_config, flatten, read_yaml_tree, run_id, to_dict
+from prunelab.config.build import build_config, flatten, read_yaml_tree
+from prunelab.config.identity import run_id, to_dict
+from prunelab.config.schema import RunConfig
 from prunelab.errors import Diverged, UserError
-from prunelab.experiment import Runtime, data_identities, dense_config, headline, identify, run
+from prunelab.runs.experiment import Runtime, data_identities, dense_config, headline, identify, run
 from prunelab.faults import ENV as FAULT_ENV
 from prunelab.methods import METHODS
-from prunelab.store import Store
+from prunelab.runs.store import Store
 
 MAX_POINTS = 10_000
 """The most grid points a sweep may have unless ``max_points`` (``--max-points``) says otherwise.

@@ -1,0 +1,146 @@
+"""The one registry of pruning criteria: name, mask function, the data it needs, its settings.
+
+The CLI (``prunelab list``), the methods (:mod:`prunelab.methods.scoring`)
+and the Python API (:func:`prunelab.prune`) all pick criteria here. Every
+criterion turns a :class:`Probe` (the network, its prunable weights and the
+data it looks at) and a :class:`Target` (density, allocation, current
+masks) into masks keeping exactly the target count; the scoring itself
+lives in :mod:`~prunelab.sparsity.scores` (trained networks) and
+:mod:`~prunelab.sparsity.pai` (pruning at initialisation).
+
+What a criterion needs (:attr:`Criterion.needs`) tells a caller which data
+to supply: ``weights`` (nothing but the weights and a generator),
+``batches`` (``batches`` training batches), ``batch`` (one batch),
+``balanced`` (a class-balanced sample of ``samples_per_class`` images per
+class), ``shape`` (only the input shape: data-free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from prunelab.registry import Registry
+from prunelab.sparsity import pai, scores
+from prunelab.sparsity.allocate import allocate
+from prunelab.sparsity.knobs import BATCHES, ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE, Knob
+from prunelab.sparsity.mask import Masks
+from prunelab.sparsity.scores import Batch
+
+Needs = Literal["weights", "batches", "batch", "balanced", "shape"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a criterion looks at."""
+
+    model: nn.Module
+    params: Mapping[str, nn.Parameter]
+    batches: Sequence[Batch] = ()
+    input_shape: tuple[int, ...] = ()
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """How many weights to keep and how: ``density`` of the prunable weights, allocated
+    ``global``, ``layerwise`` or ``erk``; with ``current`` masks the result is a subset of them."""
+
+    density: float
+    allocation: str = "global"
+    current: Masks | None = None
+
+
+MaskFn = Callable[[Probe, Target, Mapping[str, Any]], Masks]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One registered criterion."""
+
+    name: str
+    masks: MaskFn
+    needs: Needs
+    knobs: tuple[Knob, ...] = ()
+    trained: bool = False
+    """Meant for trained networks (oneshot, iterative)."""
+    at_init: bool = False
+    """Meant for pruning at initialisation (the PaI methods, cyclic, sculpt)."""
+
+    def settings(self, given: object = None) -> dict[str, Any]:
+        """This criterion's knobs: the defaults, overridden by the attributes ``given`` has."""
+        return {k.name: getattr(given, k.name, k.default) for k in self.knobs}
+
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def _register(name: str, summary: str, needs: Needs, *knobs: Knob, trained: bool = False, at_init: bool = False
+              ) -> Callable[[MaskFn], MaskFn]:
+    def decorate(fn: MaskFn) -> MaskFn:
+        CRITERIA.register(name, summary)(Criterion(name, fn, needs, knobs, trained, at_init))
+        return fn
+
+    return decorate
+
+
+def _ranked(probe_scores: scores.Scores, target: Target) -> Masks:
+    return allocate(probe_scores, target.density, target.allocation, target.current)
+
+
+def _sample(probe: Probe) -> Batch:
+    """All the probe's batches as one (a single batch is returned as it is)."""
+    if len(probe.batches) == 1:
+        return probe.batches[0]
+    return torch.cat([x for x, _ in probe.batches]), torch.cat([y for _, y in probe.batches])
+
+
+@_register("magnitude", "|w|", "weights", trained=True, at_init=True)
+def _magnitude(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    return _ranked(scores.magnitude(probe.params), target)
+
+
+@_register("taylor", "first-order Taylor |w * dL/dw| averaged over batches", "batches", BATCHES, trained=True)
+def _taylor(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    return _ranked(scores.taylor(probe.model, probe.params, probe.batches), target)
+
+
+@_register("hessian", "OBD 0.5 * diag(H) * w^2, diag(H) by Hutchinson's estimator", "batches", BATCHES,
+           trained=True)
+def _hessian(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    return _ranked(scores.hessian(probe.model, probe.params, probe.batches, 1, probe.generator), target)
+
+
+@_register("random", "i.i.d. uniform scores", "weights", at_init=True)
+def _random(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    return _ranked(pai.random_scores(probe.params, probe.generator), target)
+
+
+@_register("snip", "SNIP: |g * w| on one batch (Lee et al. 2019)", "batch", at_init=True)
+def _snip(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    x, y = _sample(probe)
+    return _ranked(pai.snip_scores(probe.model, probe.params, x, y), target)
+
+
+@_register("grasp", "GraSP: remove the highest -w * Hg (Wang et al. 2020)", "balanced", TEMPERATURE,
+           SAMPLES_PER_CLASS, at_init=True)
+def _grasp(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    x, y = _sample(probe)
+    return pai.grasp_masks(probe.model, probe.params, x, y, target.density, target.allocation,
+                           knobs.get("temperature", TEMPERATURE.default), target.current)
+
+
+@_register("synflow", "SynFlow: data-free, iterative |w * dR/dw| (Tanaka et al. 2020)", "shape", ITERATIONS,
+           at_init=True)
+def _synflow(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
+    return pai.synflow_masks(probe.model, probe.params, target.density, target.allocation, probe.input_shape,
+                             knobs.get("iterations", ITERATIONS.default), current=target.current)
+
+
+def names(trained: bool = False, at_init: bool = False) -> list[str]:
+    """Names of the criteria meant for trained networks and/or for pruning at initialisation."""
+    return [e.name for e in CRITERIA if (trained and e.obj.trained) or (at_init and e.obj.at_init)]
