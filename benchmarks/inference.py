@@ -1,4 +1,4 @@
-"""Inference latency of a pruned model, dense vs prunelab.inference.sparse_inference; file sizes.
+"""Inference latency of a pruned model, dense vs prunelab.deploy.inference.sparse_inference; file sizes.
 
 Models:
   lenet300  LeNet-300-100 from the zoo (input 1x28x28, 10 classes)
@@ -18,7 +18,7 @@ round times enough calls for about 10 ms, ms are medians over rounds and the
 speedup is the median over rounds of dense / sparse. The ideal speedup is
 1 / density, what skipping every zero for free would give.
 
-Size: bytes of prunelab.export.save_dense vs save_sparse of the pruned model.
+Size: bytes of prunelab.deploy.export.save_dense vs save_sparse of the pruned model.
 
     python benchmarks/inference.py            # table
     python benchmarks/inference.py --json     # + one JSON object as the last line
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 import prunelab
-from prunelab.export import save_dense, save_sparse
-from prunelab.inference import sparse_inference
+from prunelab.deploy.export import save_dense, save_sparse
+from prunelab.deploy.inference import sparse_inference
 from prunelab.models import build_model, init_weights
 
 SPARSITIES = (0.9, 0.95, 0.98)
