@@ -310,12 +310,12 @@ def test_a_full_disk_during_the_index_write_is_said_as_such(
     finished: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _ = finished
-    import prunelab.runs.store as store_module
+    import prunelab.runs.store.index as store_module
 
     monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     s = Store(store)
     with pytest.raises(Exception) as caught:
-        with s._connect() as db:
+        with s.index.connect() as db:
             raise sqlite3.OperationalError("disk I/O error")
     assert "is full (No space left on device)" in str(caught.value)
 

@@ -22,7 +22,8 @@ from prunelab.data import DATASETS
 from prunelab.errors import UserError
 from prunelab.models import build_model
 from prunelab.deploy.sparse_format import plain_state_dict, save_sparse
-from prunelab.runs.store import Store, atomic_torch_save, atomic_write_bytes
+from prunelab.io import atomic_torch_save, atomic_write_bytes
+from prunelab.runs.store import Store
 
 FORMATS = ("dense", "sparse", "onnx")
 ONNX_OPSET = 17

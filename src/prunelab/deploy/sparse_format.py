@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.errors import UserError
-from prunelab.runs.store import atomic_write_bytes
+from prunelab.io import atomic_write_bytes
 
 FORMAT = "prunelab-sparse"
 VERSION = "1"

@@ -22,7 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 
 from prunelab.report.references import Reference
 from prunelab.report.tables import Row, Table, pareto_front
-from prunelab.runs.store import atomic_write_bytes
+from prunelab.io import atomic_write_bytes
 
 STYLE = {
     "svg.hashsalt": "prunelab",

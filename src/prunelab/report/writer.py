@@ -12,7 +12,8 @@ from prunelab.report.document import Block, Bullets, Heading, Image, Para, Table
 from prunelab.report.masks import iou_matrix, layer_densities, load_mask
 from prunelab.report.references import Reference, references_for
 from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records
-from prunelab.runs.store import RunRecord, Store, atomic_write_bytes
+from prunelab.io import atomic_write_bytes
+from prunelab.runs.store import RunRecord, Store
 
 MIN_SEEDS = 3
 
