@@ -33,7 +33,7 @@ from prunelab.sparsity.mask import prunable_parameters
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
 SHAPES = [(), (1,), (1, 1), (9,), (40, 33), (6, 3, 5, 5), (0, 3), (4, 0), (300, 70)]
 SPARSITIES = [0.0, 0.5, 0.95, 1.0]
-ENTRY_BYTES = 96  # prunelab.deploy.sparse_format._ENTRY_BYTES: what one header entry is counted as
+ENTRY_BYTES = 96  # prunelab.deploy.sparse_format.layout.ENTRY_BYTES: what one header entry is counted as
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -429,7 +429,7 @@ _MEASURE = """
 import json, sys
 from pathlib import Path
 import safetensors, safetensors.torch
-from prunelab.deploy.sparse_format import _decode_bytes, load_sparse
+from prunelab.deploy.sparse_format.decode import _decode_bytes, load_sparse
 
 
 def status(key):
@@ -458,6 +458,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.integration
 @requires_proc
 def test_the_memory_bound_covers_what_decoding_really_takes(tmp_path: Path) -> None:
     cases = {

@@ -12,7 +12,8 @@ from prunelab.cli import main
 from prunelab.errors import UserError
 from prunelab.runs.experiment import Runtime, data_identities
 from prunelab.runs.store import Store
-from prunelab.runs.sweep import LocalExecutor, expand, pretraining, read_sweep, sweep
+from prunelab.runs.executors.local import LocalExecutor
+from prunelab.runs.sweep import expand, pretraining, read_sweep, sweep
 
 TINY = "data.val_size: 200, train.batch_size: 100"
 
@@ -57,6 +58,7 @@ def test_method_settings_apply_to_their_method_only(tmp_path: Path) -> None:
     assert cfgs["lrr"].method.settings.rate == 0.5 and cfgs["lottery"].method.settings.rate == 0.2
 
 
+@pytest.mark.integration
 def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -> None:
     path = _write(tmp_path, "{method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}")
     points = expand(read_sweep(path))
@@ -76,6 +78,7 @@ def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -
     assert "progressive" in (out / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path) -> None:
     points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}")))
     assert len(pretraining(points, data_identities(["fashion-mnist"], Runtime(data_dir=tiny_data_dir)))) == 1
@@ -89,6 +92,7 @@ def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path)
             assert r.summary is not None and r.summary["reused_runs"] == [dense[0].run_id]
 
 
+@pytest.mark.integration
 def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: Path) -> None:
     points = expand(read_sweep(_write(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}")))
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
@@ -107,6 +111,7 @@ def test_a_dataset_that_cannot_be_found_stops_the_sweep_before_anything_trains(
     assert not (tmp_path / "store").exists() or not Store(tmp_path / "store").records()
 
 
+@pytest.mark.integration
 def test_cli_sweep_json_and_dry_run(tiny_data_dir: Path, tmp_path: Path, capsys) -> None:
     path = _write(tmp_path, "{method: [snip], seed: [0, 1]}")
     common = ["--store", str(tmp_path / "store"), "--data-dir", str(tiny_data_dir), "--no-progress", "--json"]

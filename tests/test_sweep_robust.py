@@ -20,10 +20,9 @@ from prunelab.errors import UserError
 from prunelab.runs.experiment import Runtime
 from prunelab.faults import ENV as FAULT_ENV
 from prunelab.runs.store import Store
+from prunelab.runs.executors.local import FAULT_RUN_ENV, LocalExecutor
 from prunelab.runs.sweep import (
-    FAULT_RUN_ENV,
     MAX_POINTS,
-    LocalExecutor,
     expand,
     grid_size,
     identified,
@@ -173,6 +172,7 @@ def test_workers_die_with_a_sigkilled_driver(tiny_data_dir: Path, tmp_path: Path
 # ------------------------------------------------------------------ a worker dies
 
 
+@pytest.mark.integration
 def test_a_killed_worker_fails_its_run_only(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     runtime = Runtime(store=tmp_path / "store", data_dir=tiny_data_dir, progress=False, download=False)
     points, runtime = identified(expand(read_sweep(_write(tmp_path, {"method": ["dense"], "seed": [0, 1, 2]}))),

@@ -315,7 +315,7 @@ def test_a_full_disk_during_the_index_write_is_said_as_such(
     monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     s = Store(store)
     with pytest.raises(Exception) as caught:
-        with s.index.connect() as db:
+        with s.index.connect():
             raise sqlite3.OperationalError("disk I/O error")
     assert "is full (No space left on device)" in str(caught.value)
 

@@ -1,0 +1,59 @@
+"""What the ``prunelab`` command prints: a run's summary and plain tables (``--json`` prints JSON instead)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prunelab.io import json_text
+
+
+def fmt(value: Any) -> str:
+    """One table cell: floats to 4 decimals (or 4 significant digits when large), None and NaN as -."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if value.is_integer() and abs(value) >= 1:
+            return f"{value:.4g}" if abs(value) >= 1e5 else str(int(value))
+        return f"{value:.4g}" if abs(value) >= 1e5 or value == 0 else f"{value:.4f}"
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """A run's summary as aligned lines, or as one JSON object."""
+    if as_json:
+        print(json_text(summary))
+        return
+    rows = [
+        ("run", summary["run_id"]), ("method", summary["method"]), ("model", summary["model"]),
+        ("dataset", summary["dataset"]), ("seed", summary["seed"]),
+        ("target sparsity", summary["target_sparsity"]), ("sparsity (from weights)", summary["sparsity"]),
+        ("test accuracy (final)", summary["test_acc"]), ("val accuracy (final)", summary["val_acc"]),
+        ("test accuracy (val-selected)", summary["selected_test_acc"]),
+        ("selected epoch", summary["selected_epoch"]),
+        ("epochs trained", summary["epochs"]), ("optimizer steps", summary["steps"]),
+        ("wall time (s)", summary["wall_s"]), ("training FLOPs", summary["train_flops"]),
+        ("dense-equivalent FLOPs", summary["dense_train_flops"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {fmt(value)}")
+    for note in summary.get("notes", []):
+        print(f"note: {note}")
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as a left-aligned table with a header line."""
+    if not rows:
+        print("(none)")
+        return
+    keys = list(rows[0])
+    cells = [[fmt(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
