@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test test-all bench study clean
+.PHONY: setup data demo lint test test-unit test-integration test-all bench study clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,19 @@ data: setup
 demo: data
 	$(VENV)/bin/prunelab run --method progressive --sparsity 0.9 --epochs 30
 
-test: data
-	$(PY) -m pytest -q
+# The layers contract (pyproject.toml, [tool.importlinter]) and pyflakes' checks (unused or undefined names).
+lint: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check --select F src tests benchmarks examples
+
+# Unit tests first (fast, in this process), then the tests that start interpreters, torchrun or Ray.
+test: test-unit test-integration
+
+test-unit: data
+	$(PY) -m pytest -q -m 'not slow and not integration' --durations=15
+
+test-integration: data
+	$(PY) -m pytest -q -m 'integration and not slow' --durations=15
 
 test-all: data
 	$(PY) -m pytest -q -m ''

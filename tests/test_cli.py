@@ -76,6 +76,7 @@ def _truncated_dir(tmp_path: Path, tiny_data_dir: Path) -> Path:
     return tiny_data_dir
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [

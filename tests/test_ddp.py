@@ -23,6 +23,8 @@ from prunelab.cli import main
 from prunelab.runs.store import Store
 from prunelab.training.distributed import masks_digest
 
+pytestmark = pytest.mark.integration  # torchrun processes
+
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress", "--no-download"]
 
 

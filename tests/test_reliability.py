@@ -109,6 +109,7 @@ def test_checkpoint_pickle_payload_never_runs(tmp_path: Path) -> None:
     assert not sentinel.exists()
 
 
+@pytest.mark.integration
 def test_run_with_a_payload_checkpoint_resumes_from_the_good_one(tiny_data_dir: Path, tmp_path: Path) -> None:
     """A planted payload as the newest checkpoint is set aside; the run ends as if nothing happened."""
     import hashlib
@@ -168,6 +169,7 @@ PLANNED = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", sorted(PLANNED))
 def test_planned_kills_resume_bit_identical(tiny_data_dir: Path, tmp_path: Path, method: str) -> None:
     """One SIGKILL at each kind of moment: mid-epoch, after a mask update, mid-checkpoint, mid-store-write."""
@@ -190,6 +192,7 @@ def _sentences(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if not line.startswith("prunelab: data:")]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("point", ["checkpoint", "store"])
 def test_full_disk_is_one_sentence_and_loses_nothing(tiny_data_dir: Path, tmp_path: Path, point: str) -> None:
     reference = _cli(tmp_path / "ref", tiny_data_dir)
@@ -209,6 +212,7 @@ def test_full_disk_is_one_sentence_and_loses_nothing(tiny_data_dir: Path, tmp_pa
     assert _status(store, rid) == "ok"
 
 
+@pytest.mark.integration
 def test_ctrl_c_leaves_a_checkpoint_and_says_how_to_resume(tiny_data_dir: Path, tmp_path: Path) -> None:
     reference = _cli(tmp_path / "ref", tiny_data_dir)
     rid = reference.summary["run_id"]
@@ -235,6 +239,7 @@ def _write_rows(root: str, worker: int, runs: int) -> None:
         store.finish(rid, {"status": "ok", "run_id": rid, "worker": worker})
 
 
+@pytest.mark.integration
 def test_eight_workers_writing_one_store_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_write_rows, args=(str(tmp_path), w, 25)) for w in range(8)]
@@ -251,6 +256,7 @@ def test_eight_workers_writing_one_store_lose_and_duplicate_nothing(tmp_path: Pa
     assert all(r.summary == {"status": "ok", "run_id": r.run_id, "worker": int(r.run_id[1:3])} for r in records)
 
 
+@pytest.mark.integration
 def test_the_same_run_twice_at_once_is_trained_once(tiny_data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     reference = _cli(tmp_path / "ref", tiny_data_dir)
@@ -277,6 +283,7 @@ def test_the_same_run_twice_at_once_is_trained_once(tiny_data_dir: Path, tmp_pat
     assert len(lines) == reference.summary["epochs"]
 
 
+@pytest.mark.integration
 def test_a_killed_lock_holder_leaves_no_stale_lock(tiny_data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     rid = "abcdef012345"

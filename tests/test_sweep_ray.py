@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # a local Ray instance and its worker processes
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prunelab[ray]'): --executor ray untested")
 
 import prunelab.runs.executors.ray  # noqa: E402 (after the skip)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from prunelab.errors import UserError
 from prunelab.training.distributed import SINGLE, RanksDisagree, World, masks_digest
 
+pytestmark = pytest.mark.integration  # gloo process groups in spawned processes
+
 
 def test_a_single_process_world_changes_nothing() -> None:
     x, y = torch.randn(5, 3), torch.arange(5)
