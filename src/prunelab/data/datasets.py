@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from prunelab.data.identity import DataIdentity
-from prunelab.data.raw import CifarArchive, IdxFiles, Official, RawData
+from prunelab.data.raw import CifarArchive, IdxFiles, RawData
 from prunelab.data.sources import RemoteFile
 from prunelab.errors import UserError
 from prunelab.registry import Registry
@@ -139,93 +139,52 @@ _CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba6
 _KRIZ = "https://www.cs.toronto.edu/~kriz/"
 
 
-def _cifar_official(archive: str, archive_sha256: str, folder: str, batch_md5: dict[str, str]) -> Official:
-    """The official CIFAR files: the archive by its sha256, extracted batches by their md5."""
+def _cifar(archive: str, folder: str, train: tuple[str, ...], test: tuple[str, ...], label_key: bytes,
+           archive_sha256: str, batch_md5: dict[str, str]) -> CifarArchive:
+    """A CIFAR archive from Krizhevsky's site; official files: the archive by its sha256, the
+    extracted batches by their md5."""
     official = {f"{folder}/{name}": frozenset({f"md5:{md5}"}) for name, md5 in batch_md5.items()}
-    return {**official, archive: frozenset({f"gz-sha256:{archive_sha256}"})}
+    return CifarArchive(
+        archive=archive, folder=folder, train=train, test=test, label_key=label_key,
+        remote=RemoteFile(archive, f"{_KRIZ}{archive}", archive_sha256),
+        official={**official, archive: frozenset({f"gz-sha256:{archive_sha256}"})},
+    )
+
+
+def _grayscale_28(name: str, mean: float, std: float, summary: str, source: IdxFiles) -> DatasetSpec:
+    """An MNIST-like dataset: 28x28 grayscale, 10 classes, 5,000 training images held out."""
+    return _register(DatasetSpec(name=name, channels=1, image_size=28, num_classes=10, mean=(mean,), std=(std,),
+                                 default_val_size=5000, summary=summary, source=source))
+
 
 # Normalization constants are the ones commonly published for each training set.
-MNIST = _register(
-    DatasetSpec(
-        name="mnist",
-        channels=1,
-        image_size=28,
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        default_val_size=5000,
-        summary="MNIST handwritten digits, 28x28 grayscale, 10 classes",
-        source=_idx_files(
-            "https://storage.googleapis.com/cvdf-datasets/mnist/", _MNIST_SHA256, _MNIST_CONTENT_SHA256
-        ),
-    )
+MNIST = _grayscale_28(
+    "mnist", 0.1307, 0.3081, "MNIST handwritten digits, 28x28 grayscale, 10 classes",
+    _idx_files("https://storage.googleapis.com/cvdf-datasets/mnist/", _MNIST_SHA256, _MNIST_CONTENT_SHA256),
 )
-FASHION_MNIST = _register(
-    DatasetSpec(
-        name="fashion-mnist",
-        channels=1,
-        image_size=28,
-        num_classes=10,
-        mean=(0.2860,),
-        std=(0.3530,),
-        default_val_size=5000,
-        summary="Fashion-MNIST clothing images, 28x28 grayscale, 10 classes (the default)",
-        source=_idx_files(
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-            _FASHION_SHA256,
-            _FASHION_CONTENT_SHA256,
-        ),
-    )
+FASHION_MNIST = _grayscale_28(
+    "fashion-mnist", 0.2860, 0.3530, "Fashion-MNIST clothing images, 28x28 grayscale, 10 classes (the default)",
+    _idx_files("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", _FASHION_SHA256,
+               _FASHION_CONTENT_SHA256),
 )
-CIFAR10 = _register(
-    DatasetSpec(
-        name="cifar10",
-        channels=3,
-        image_size=32,
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        default_val_size=5000,
-        summary="CIFAR-10 natural images, 32x32 colour, 10 classes",
-        source=CifarArchive(
-            archive="cifar-10-python.tar.gz",
-            folder="cifar-10-batches-py",
-            train=tuple(f"data_batch_{i}" for i in range(1, 6)),
-            test=("test_batch",),
-            label_key=b"labels",
-            remote=RemoteFile(
-                "cifar-10-python.tar.gz", f"{_KRIZ}cifar-10-python.tar.gz", _CIFAR10_SHA256
-            ),
-            official=_cifar_official(
-                "cifar-10-python.tar.gz", _CIFAR10_SHA256, "cifar-10-batches-py", _CIFAR10_BATCH_MD5
-            ),
-        ),
-    )
+def _colour_32(name: str, num_classes: int, mean: tuple[float, float, float], std: tuple[float, float, float],
+               summary: str, source: CifarArchive) -> DatasetSpec:
+    """A CIFAR-like dataset: 32x32 colour, 5,000 training images held out."""
+    return _register(DatasetSpec(name=name, channels=3, image_size=32, num_classes=num_classes, mean=mean, std=std,
+                                 default_val_size=5000, summary=summary, source=source))
+
+
+CIFAR10 = _colour_32(
+    "cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    "CIFAR-10 natural images, 32x32 colour, 10 classes",
+    _cifar("cifar-10-python.tar.gz", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+           ("test_batch",), b"labels", _CIFAR10_SHA256, _CIFAR10_BATCH_MD5),
 )
-CIFAR100 = _register(
-    DatasetSpec(
-        name="cifar100",
-        channels=3,
-        image_size=32,
-        num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        default_val_size=5000,
-        summary="CIFAR-100 natural images, 32x32 colour, 100 fine classes",
-        source=CifarArchive(
-            archive="cifar-100-python.tar.gz",
-            folder="cifar-100-python",
-            train=("train",),
-            test=("test",),
-            label_key=b"fine_labels",
-            remote=RemoteFile(
-                "cifar-100-python.tar.gz", f"{_KRIZ}cifar-100-python.tar.gz", _CIFAR100_SHA256
-            ),
-            official=_cifar_official(
-                "cifar-100-python.tar.gz", _CIFAR100_SHA256, "cifar-100-python", _CIFAR100_BATCH_MD5
-            ),
-        ),
-    )
+CIFAR100 = _colour_32(
+    "cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+    "CIFAR-100 natural images, 32x32 colour, 100 fine classes",
+    _cifar("cifar-100-python.tar.gz", "cifar-100-python", ("train",), ("test",), b"fine_labels",
+           _CIFAR100_SHA256, _CIFAR100_BATCH_MD5),
 )
 
 
