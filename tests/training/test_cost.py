@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from prunelab.models import MODELS, build_model
 from prunelab.training.cost import (
+    UNATTRIBUTED,
     dense_train_step_flops,
     eval_flops,
     forward_flops,
@@ -100,3 +102,43 @@ def test_bad_densities_raise() -> None:
         train_step_flops({"a.weight": 10}, {"a": 0.5}, batch_size=1)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         train_step_flops({"a.weight": 10}, {"a.weight": 1.5}, batch_size=1)
+
+
+class Attention(nn.Module):
+    """LayerNorm -> nn.MultiheadAttention -> Linear: every matrix product has operands that need gradients
+    (the norm's affine weights make its output need one), so a real backward pass costs exactly two forwards."""
+
+    def __init__(self, embed: int = 16, heads: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed)
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=True)
+        self.head = nn.Linear(embed, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        a, _ = self.attn(h, h, h)
+        return self.head(a.mean(1))
+
+
+def test_attention_projections_and_scores_are_counted() -> None:
+    tokens, embed = 7, 16
+    flops = forward_flops(Attention(embed), (tokens, embed))
+    assert flops == {
+        "attn.in_proj_weight": 3 * 2 * tokens * embed * embed,  # q, k, v: slices of one weight
+        "attn.out_proj.weight": 2 * tokens * embed * embed,  # called functionally, not as a module
+        "head.weight": 2 * embed * 5,
+        UNATTRIBUTED: 2 * 2 * tokens * tokens * embed,  # q k^T and attention x v, over all heads
+    }
+    # A sparse projection scales with its density; the scores do not.
+    half = train_step_flops(flops, {"attn.in_proj_weight": 0.5}, batch_size=1)
+    assert half == 3 * (sum(flops.values()) - flops["attn.in_proj_weight"] / 2)
+
+
+def test_a_dense_training_step_costs_what_flop_counter_mode_counts() -> None:
+    torch.manual_seed(0)
+    model, batch = Attention(), 3
+    x, y = torch.randn(batch, 7, 16), torch.randint(0, 5, (batch,))
+    flops = forward_flops(model, (7, 16))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert dense_train_step_flops(flops, batch) == counter.get_total_flops()

@@ -1,93 +1,98 @@
 """FLOP accounting: what a forward pass, a training step or an evaluation costs.
 
-Conventions (methods.md, "Counting compute honestly"):
+Conventions (docs/methods.md, "Counting compute honestly"):
 
-- one multiply-accumulate (MAC) is 2 FLOPs;
-- only Conv and Linear layers are counted, keyed by the name of their
-  ``weight`` parameter, because those are the tensors pruning makes sparse;
-  bias adds, BatchNorm, activations and pooling are left out (they are a
-  few percent of the total and do not shrink with sparsity);
-- a sparse layer costs its dense FLOPs times its density (the ideal a sparse
-  kernel could reach, which is what the literature reports);
+- FLOPs are what :class:`torch.utils.flop_counter.FlopCounterMode` counts for
+  one forward pass of one sample: every matrix multiply and convolution of
+  any module (attention included), one multiply-accumulate = 2 FLOPs; bias
+  adds, normalisation, activations and pooling are not counted;
+- each counted operation is attributed to the parameter among its matrix
+  operands (a Linear's or convolution's weight, an attention projection,
+  whatever a module's forward multiplies by), found by storage, so a weight
+  used through a view or a slice (``in_proj_weight``) is still found;
+  operations on activations alone (attention scores) are kept under
+  :data:`UNATTRIBUTED` and stay dense;
+- a sparse parameter costs its dense FLOPs times its density (the ideal a
+  sparse kernel could reach, which is what the literature reports);
 - a training step costs three forwards: the backward pass computes the
   gradients of both the inputs and the weights, each about one forward.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_COUNTED = (nn.Linear, *_CONVS, *_TRANSPOSED_CONVS)
-
-ForwardHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]
+from prunelab.models.modes import eval_mode
 
 # Forward + backward (input gradients + weight gradients), in forwards.
 TRAIN_STEP_FORWARDS = 3
+UNATTRIBUTED = "(activations)"
+"""The key of FLOPs that no parameter takes part in (e.g. attention's query-key products)."""
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Forward FLOPs per sample of every Conv and Linear layer of ``model``.
+    """Forward FLOPs per sample of ``model``, by the parameter each operation multiplies by.
 
-    ``input_shape`` excludes the batch dimension. The count is measured by
-    running one all-zero sample through ``model`` (eval mode, no grad) with
-    forward hooks, so it follows whatever the forward really does: a layer
-    called twice counts twice, one never called counts 0. Keys are the
-    names of the layers' weights as in ``model.named_parameters()``; layers
-    that share one weight add up under that weight's name. The training
-    flags of all modules are restored afterwards.
+    ``input_shape`` excludes the batch dimension. One all-zero sample runs
+    through ``model`` in eval mode under :class:`FlopCounterMode`, so the
+    count follows whatever the forward really does: a layer called twice
+    counts twice; one never called counts 0. Every parameter of two or more
+    dimensions has a key (names as in ``model.named_parameters()``, tied
+    weights under one name); :data:`UNATTRIBUTED` appears when some counted
+    operation involves no parameter. The training flags of all modules are
+    restored afterwards and no buffer (BatchNorm statistics) changes.
     """
-    weight_names = {id(param): name for name, param in model.named_parameters()}
-    flops: dict[str, int] = {}
-    handles: list[RemovableHandle] = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, _COUNTED):
-            continue
-        key = weight_names.get(id(module.weight), _join(module_name, "weight"))
-        flops.setdefault(key, 0)
-        handles.append(module.register_forward_hook(_make_counter(flops, key)))
-    try:
-        with _eval_mode(model), torch.no_grad():
-            model(torch.zeros((1, *input_shape), **_tensor_kwargs(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    params = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    by_storage = {p.untyped_storage().data_ptr(): name for name, p in params.items()}
+    flops = dict.fromkeys(params, 0)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        op: _attributing(formula, by_storage, flops) for op, formula in flop_registry.items()
+    })
+    # Grad stays enabled: under no_grad nn.MultiheadAttention takes a fused fast path that the
+    # counter has no formula for. Nothing is backpropagated, so no gradient is touched.
+    with eval_mode(model), counter:
+        model(torch.zeros((1, *input_shape), **_tensor_kwargs(model)))
+    if flops.get(UNATTRIBUTED) == 0:
+        del flops[UNATTRIBUTED]
+    assert sum(flops.values()) == counter.get_total_flops()
     return flops
 
 
-def _make_counter(flops: dict[str, int], key: str) -> ForwardHook:
-    """A forward hook adding the FLOPs of one call of its module to ``flops[key]``."""
+def _attributing(formula: Callable[..., int], by_storage: Mapping[int, str], flops: dict[str, int]
+                 ) -> Callable[..., int]:
+    """``formula`` (a FlopCounterMode formula taking the op's real arguments) that also adds its count
+    to the parameter among the arguments, found by the storage it shares with the argument."""
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        flops[key] += 2 * _macs(module, inputs[0], output)
+    def count(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        value = formula(*args, out_val=out_val, **kwargs)
+        key = next((by_storage[ptr] for ptr in _storages(args, kwargs) if ptr in by_storage), UNATTRIBUTED)
+        flops[key] = flops.get(key, 0) + value
+        return value
 
-    return hook
-
-
-def _macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Multiply-accumulates of one call of a Conv or Linear ``module`` (batch of 1)."""
-    if isinstance(module, nn.Linear):
-        # Every output value is a dot product over in_features inputs; extra
-        # leading dims (sequences) simply multiply the number of outputs.
-        return y.numel() * module.in_features
-    kernel = math.prod(module.kernel_size)
-    if isinstance(module, _TRANSPOSED_CONVS):
-        # Each input value is scattered through the kernel to the channels of its group.
-        return x.numel() * (module.out_channels // module.groups) * kernel
-    # Each output value sums over its group's input channels times the kernel.
-    return y.numel() * (module.in_channels // module.groups) * kernel
+    count._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes tensors, not shapes
+    return count
 
 
-def _join(prefix: str, name: str) -> str:
-    """``prefix.name``, or ``name`` at the root (the way torch names parameters)."""
-    return f"{prefix}.{name}" if prefix else name
+def _storages(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    """The storage addresses of the tensor arguments of two or more dimensions, in argument order."""
+    return [t.untyped_storage().data_ptr() for t in _tensors((args, kwargs)) if t.dim() >= 2 and t.numel() > 0]
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``obj``, looking into lists, tuples and dict values (an aten op's arguments)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _tensor_kwargs(model: nn.Module) -> dict[str, object]:
@@ -96,20 +101,6 @@ def _tensor_kwargs(model: nn.Module) -> dict[str, object]:
     if param is None or not param.is_floating_point():
         return {}
     return {"device": param.device, "dtype": param.dtype}
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, then restore every submodule's own training flag."""
-    # model.train(flag) would set all submodules alike; a model may
-    # deliberately keep some (e.g. frozen BN) in eval while training.
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def sparse_forward_flops(layer_flops: Mapping[str, int], densities: Mapping[str, float]) -> float:
