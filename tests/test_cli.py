@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from prunelab.cli import main
+from prunelab.data import DATASETS
+from prunelab.methods import METHODS
+from prunelab.models import MODELS
 
 TINY = ["--set", "data.val_size=200", "--batch-size", "64", "--no-progress"]
 REQUIRED = {"run_id", "status", "method", "model", "dataset", "target_sparsity", "sparsity", "test_acc",
@@ -54,12 +57,14 @@ def test_run_stores_a_complete_result(tiny_data_dir: Path, tmp_path: Path, capsy
 
 
 def test_list_commands(tmp_path: Path, capsys) -> None:
-    for what in ("methods", "models", "datasets", "runs"):
+    registries = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}
+    for what, registry in registries.items():
         assert main(["list", what, "--store", str(tmp_path / "s"), "--json"]) == 0
         rows = json.loads(capsys.readouterr().out)
-        assert isinstance(rows, list)
-        if what == "methods":
-            assert {"dense", "progressive"} <= {r["name"] for r in rows}
+        assert [r["name"] for r in rows] == registry.names()
+        assert all(r["summary"] for r in rows)
+    assert main(["list", "runs", "--store", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # a new store holds no run
 
 
 def test_method_help_lists_settings(capsys) -> None:

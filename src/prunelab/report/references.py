@@ -1,4 +1,4 @@
-"""Published numbers the report overlays on its plots, from /work/shared/references.md.
+"""Published numbers the report overlays on its plots, each with its source paper and caveat.
 
 Only rows whose network and dataset map to a prunelab model and dataset are
 kept; each keeps its caveat, which the report prints next to the plot. Rows
@@ -6,7 +6,8 @@ left out: SCULPT's ResNet-50 on ImageNet (no such model or dataset here) and
 seed 2's per-sparsity curves (published only as figures). No published
 pruning table for Fashion-MNIST is known, so it has no rows.
 
-Accuracies are top-1 in percent, as published; sparsity is a fraction.
+Accuracies are top-1 in percent, as published; sparsity is a fraction. The
+evaluation protocol they are compared under is in docs/guide.md ("Protocol").
 """
 
 from __future__ import annotations

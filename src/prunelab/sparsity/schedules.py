@@ -44,7 +44,7 @@ ITERATIVE_SCHEDULES = ("constant", "geometric", "hybrid")
 
 
 def iterative_sparsities(target: float, schedule: str, steps: int, fraction: float, first: float) -> list[float]:
-    """Sparsity after each pruning step of iterative pruning (methods.md section 2); the last is ``target``.
+    """Sparsity after each pruning step of iterative pruning (docs/methods.md section 2); the last is ``target``.
 
     constant: step i of ``steps`` reaches target * i / steps (each prunes target/steps of ALL weights).
     geometric: each step removes ``fraction`` of the remaining weights; the

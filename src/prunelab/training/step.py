@@ -15,6 +15,7 @@ from torch import nn
 
 from prunelab.data import eval_batches
 from prunelab.errors import Diverged
+from prunelab.models.modes import eval_mode
 from prunelab.sparsity.mask import Masker
 from prunelab.training.distributed import World
 
@@ -88,16 +89,14 @@ def evaluate(
     """Mean cross-entropy and accuracy of ``model`` on (x, y); (nan, nan) on an empty split."""
     if len(y) == 0:
         return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for xb, yb in eval_batches(x, y, batch_size):
-        with autocast(x.device, precision):
-            out = model(xb)
-        loss += F.cross_entropy(out.float(), yb, reduction="sum")
-        correct += (out.argmax(1) == yb).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for xb, yb in eval_batches(x, y, batch_size):
+            with autocast(x.device, precision):
+                out = model(xb)
+            loss += F.cross_entropy(out.float(), yb, reduction="sum")
+            correct += (out.argmax(1) == yb).sum()
     return float(loss) / len(y), int(correct) / len(y)
 
 
