@@ -12,12 +12,15 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunelab.cli.output import print_summary, print_table
 from prunelab.cli.parser import FIELD_FLAGS, FLAG_KEYS, runtime_of, store_dir
 from prunelab.errors import Diverged, UserError
 from prunelab.io import json_text
+
+if TYPE_CHECKING:
+    from prunelab.runs.store import RunRecord
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,8 +155,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         from prunelab.runs.store import Store
 
-        rows = [_run_row(r.run_id, r.status, r.summary or {}, r.method, r.model, r.dataset, r.target_sparsity,
-                         r.seed) for r in Store.reader(store_dir(args.store)).records()]
+        rows = [_run_row(r) for r in Store.reader(store_dir(args.store)).records()]
     if args.json:
         print(json_text(rows))
     elif args.what == "methods":
@@ -165,10 +167,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_row(rid: str, status: str, s: dict[str, Any], method: str, model: str, dataset: str,
-             target: float, seed: int) -> dict[str, Any]:
-    return {"run_id": rid, "status": status, "method": method, "model": model, "dataset": dataset,
-            "target": target, "seed": seed, "sparsity": s.get("sparsity"), "test_acc": s.get("test_acc")}
+def _run_row(r: RunRecord) -> dict[str, Any]:
+    """One line of ``prunelab list runs``: the index's headline and, for a finished run, its result."""
+    result = r.result
+    return {"run_id": r.run_id, "status": r.status, "method": r.method, "model": r.model, "dataset": r.dataset,
+            "target": r.target_sparsity, "seed": r.seed, "sparsity": result.sparsity if result else None,
+            "test_acc": result.test_acc if result else None}
 
 
 def cmd_store(args: argparse.Namespace) -> int:

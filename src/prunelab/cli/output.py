@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from prunelab.io import json_text
+from prunelab.runs.summary import RunSummary
 
 
 def fmt(value: Any) -> str:
@@ -28,21 +29,19 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json_text(summary))
         return
+    s = RunSummary.from_dict(summary)
     rows = [
-        ("run", summary["run_id"]), ("method", summary["method"]), ("model", summary["model"]),
-        ("dataset", summary["dataset"]), ("seed", summary["seed"]),
-        ("target sparsity", summary["target_sparsity"]), ("sparsity (from weights)", summary["sparsity"]),
-        ("test accuracy (final)", summary["test_acc"]), ("val accuracy (final)", summary["val_acc"]),
-        ("test accuracy (val-selected)", summary["selected_test_acc"]),
-        ("selected epoch", summary["selected_epoch"]),
-        ("epochs trained", summary["epochs"]), ("optimizer steps", summary["steps"]),
-        ("wall time (s)", summary["wall_s"]), ("training FLOPs", summary["train_flops"]),
-        ("dense-equivalent FLOPs", summary["dense_train_flops"]),
+        ("run", s.run_id), ("method", s.method), ("model", s.model), ("dataset", s.dataset), ("seed", s.seed),
+        ("target sparsity", s.target_sparsity), ("sparsity (from weights)", s.sparsity),
+        ("test accuracy (final)", s.test_acc), ("val accuracy (final)", s.val_acc),
+        ("test accuracy (val-selected)", s.selected_test_acc), ("selected epoch", s.selected_epoch),
+        ("epochs trained", s.epochs), ("optimizer steps", s.steps), ("wall time (s)", s.wall_s),
+        ("training FLOPs", s.train_flops), ("dense-equivalent FLOPs", s.dense_train_flops),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {fmt(value)}")
-    for note in summary.get("notes", []):
+    for note in s.notes or []:
         print(f"note: {note}")
 
 

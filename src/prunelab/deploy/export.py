@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from prunelab.data import DATASETS
 from prunelab.errors import UserError
 from prunelab.models import build_model
+from prunelab.models.modes import eval_mode
 from prunelab.deploy.sparse_format import plain_state_dict, save_sparse
 from prunelab.io import atomic_torch_save, atomic_write_bytes
 from prunelab.runs.store import Store
@@ -59,24 +60,19 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
     training/eval mode is restored afterwards.
     """
     ort = _onnxruntime()
-    was_training = model.training
-    model.eval()
     buffer = io.BytesIO()
-    try:
-        with torch.no_grad():
-            expected = model(example).cpu().numpy()
-            # The TorchScript exporter (dynamo=False) needs neither onnxscript nor
-            # torch.export tracing and exports every model of the zoo; its deprecation
-            # warning would only be noise to the user of an export command.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                    input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        expected = model(example).cpu().numpy()
+        # The TorchScript exporter (dynamo=False) needs neither onnxscript nor
+        # torch.export tracing and exports every model of the zoo; its deprecation
+        # warning would only be noise to the user of an export command.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
     graph = buffer.getvalue()
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"input": example.detach().cpu().numpy()})
@@ -116,17 +112,18 @@ def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force:
     except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"the weights of run {rid} do not fit model {record.model}; the run folder is damaged") from None
     model.eval()
+    stored = record.result
+    assert stored is not None  # verify() passed: the run is finished
     result: dict[str, Any] = {
         "run_id": rid, "format": fmt, "path": str(out), "model": record.model, "dataset": record.dataset,
-        "method": record.method, "sparsity": record.summary.get("sparsity"),
+        "method": record.method, "sparsity": stored.sparsity,
         "tensor_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
     if fmt == "dense":
         save_dense(model, out)
     elif fmt == "sparse":
         meta = {"run_id": rid, "model": record.model, "dataset": record.dataset, "method": record.method,
-                "sparsity": str(record.summary.get("sparsity")),
-                "weights_sha256": str(record.summary.get("weights_sha256"))}
+                "sparsity": str(stored.sparsity), "weights_sha256": str(stored.weights_sha256)}
         save_sparse(model, out, meta)
     else:
         generator = torch.Generator().manual_seed(CHECK_SEED)

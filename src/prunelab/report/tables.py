@@ -16,6 +16,7 @@ from typing import Any
 
 from prunelab.errors import UserError
 from prunelab.runs.store import RunRecord
+from prunelab.runs.summary import RunSummary
 
 # Fields of the index row (and of every summary), usable in ``where`` as they are.
 INDEX_FIELDS = ("run_id", "status", "method", "model", "dataset", "seed", "target_sparsity")
@@ -119,9 +120,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def dense_epochs(summary: Mapping[str, Any]) -> float | None:
+def dense_epochs(summary: RunSummary) -> float | None:
     """Training cost as epochs of dense training of the same model: train_flops / (dense FLOPs per epoch)."""
-    flops, dense, epochs = (summary.get(k) for k in ("train_flops", "dense_train_flops", "epochs"))
+    flops, dense, epochs = summary.train_flops, summary.dense_train_flops, summary.epochs
     if not flops or not dense or not epochs:
         return None
     return flops * epochs / dense
@@ -144,8 +145,10 @@ class Row:
     target: float
     runs: tuple[RunRecord, ...]
 
-    def _values(self, key: str) -> list[Any]:
-        return [r.summary.get(key) for r in self.runs if r.summary is not None]
+    @property
+    def summaries(self) -> list[RunSummary]:
+        """The runs' summaries (by seed)."""
+        return [RunSummary.from_dict(r.summary) for r in self.runs if r.summary is not None]
 
     @property
     def seeds(self) -> list[int]:
@@ -153,43 +156,43 @@ class Row:
 
     @property
     def achieved(self) -> float | None:
-        return _mean_of(self._values("sparsity"))
+        return _mean_of(s.sparsity for s in self.summaries)
 
     @property
     def test(self) -> tuple[float | None, float | None]:
         """Final-epoch test accuracy (fraction): mean, sample std."""
-        return mean_std([v for v in self._values("test_acc") if v is not None])
+        return mean_std([s.test_acc for s in self.summaries if s.test_acc is not None])
 
     @property
     def selected(self) -> tuple[float | None, float | None]:
         """Test accuracy of the validation-selected checkpoint: mean, sample std (over seeds that have one)."""
-        return mean_std([v for v in self._values("selected_test_acc") if v is not None])
+        return mean_std([s.selected_test_acc for s in self.summaries if s.selected_test_acc is not None])
 
     @property
     def n_selected(self) -> int:
-        return sum(v is not None for v in self._values("selected_test_acc"))
+        return sum(s.selected_test_acc is not None for s in self.summaries)
 
     @property
     def cost(self) -> float | None:
         """Mean training cost in dense-epoch equivalents."""
-        return _mean_of(dense_epochs(r.summary) for r in self.runs if r.summary is not None)
+        return _mean_of(dense_epochs(s) for s in self.summaries)
 
     @property
     def epochs(self) -> float | None:
-        return _mean_of(self._values("epochs"))
+        return _mean_of(s.epochs for s in self.summaries)
 
     @property
     def flops(self) -> float | None:
-        return _mean_of(self._values("train_flops"))
+        return _mean_of(s.train_flops for s in self.summaries)
 
     @property
     def wall(self) -> float | None:
-        return _mean_of(self._values("wall_s"))
+        return _mean_of(s.wall_s for s in self.summaries)
 
     @property
     def reused(self) -> list[list[str]]:
         """Per run (by seed), the ids of stored runs whose cost it includes."""
-        return [list(r.summary.get("reused_runs") or []) for r in self.runs if r.summary is not None]
+        return [list(s.reused_runs or []) for s in self.summaries]
 
 
 @dataclass(frozen=True)

@@ -237,19 +237,19 @@ def _who(r: RunRecord) -> str:
 
 def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict[str, list[str]]:
     """Warning lines by kind: collapse, few seeds, missed target, failed, diverged, unfinished."""
-    ok = [r for r in records if r.status == "ok" and r.summary is not None]
+    ok = [(r, r.result) for r in records if r.result is not None]
     found: dict[str, list[str]] = {
-        "Layer collapse": [f"{_who(r)}: every weight pruned in {', '.join(r.summary['collapsed_layers'])} "
+        "Layer collapse": [f"{_who(r)}: every weight pruned in {', '.join(s.collapsed_layers)} "
                            "(the network is disconnected)"
-                           for r in ok if r.summary.get("collapsed_layers")],
+                           for r, s in ok if s.collapsed_layers],
         f"Fewer than {MIN_SEEDS} seeds": [
             f"{t.model}/{t.dataset} {row.label} at sparsity {plots.pct(row.target)}: {len(row.runs)} seed(s) "
             f"({', '.join(map(str, row.seeds))})"
             for t in tables for row in t.rows if len(row.runs) < MIN_SEEDS],
         "Target sparsity missed": [
-            f"{_who(r)}: achieved {100 * r.summary['sparsity']:.4f}% < target {plots.pct(r.target_sparsity)}"
-            for r in ok if r.method != "dense" and r.summary.get("sparsity") is not None
-            and r.summary["sparsity"] < r.target_sparsity - 1e-6],
+            f"{_who(r)}: achieved {100 * s.sparsity:.4f}% < target {plots.pct(r.target_sparsity)}"
+            for r, s in ok if r.method != "dense" and s.sparsity is not None
+            and s.sparsity < r.target_sparsity - 1e-6],
         "Failed runs": [f"{_who(r)}: {r.error or 'no error recorded'}" for r in records if r.status == "failed"],
         # A diverged run has no result: it is named here and never enters a table or a plot.
         "Diverged runs": [f"{_who(r)}: {r.error or 'the loss stopped being finite'}"

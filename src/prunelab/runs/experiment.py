@@ -27,6 +27,7 @@ from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
+from prunelab.runs.summary import DivergedSummary, RunSummary
 from prunelab.runs.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
 from prunelab.training import distributed
 from prunelab.training.cost import forward_flops
@@ -185,10 +186,10 @@ def run_config_record(cfg: RunConfig, data: DataSplits) -> dict[str, Any]:
 
 def diverged_summary(cfg: RunConfig, rid: str, exc: Diverged, data: DataSplits) -> dict[str, Any]:
     """The stored record of a diverged run: where it diverged, and no result."""
-    return {
-        "run_id": rid, "status": "diverged", **headline(cfg), "error": str(exc), "epoch": exc.epoch,
-        "step": exc.step, "data_identity": data.identity.as_dict() if data.identity is not None else None,
-    }
+    return DivergedSummary(
+        run_id=rid, **headline(cfg), error=str(exc), epoch=exc.epoch, step=exc.step,
+        data_identity=data.identity.as_dict() if data.identity is not None else None,
+    ).as_dict()
 
 
 def load_data(cfg: RunConfig, runtime: Runtime, world: World = distributed.SINGLE) -> DataSplits:
@@ -272,9 +273,10 @@ def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretraine
     """
     summary, _ = run(dense_config(cfg), runtime, data)
     # Read only (every rank of a distributed run reads it), checked against its recorded sha256.
-    weights = Store.reader(runtime.store).load_weights(summary["run_id"])
-    cost = Cost(**{f.name: summary[f.name] for f in dataclasses.fields(Cost)})
-    return Pretrained(summary["run_id"], weights, cost)
+    stored = RunSummary.from_dict(summary)
+    weights = Store.reader(runtime.store).load_weights(stored.run_id)
+    cost = Cost(**{f.name: getattr(stored, f.name) for f in dataclasses.fields(Cost)})
+    return Pretrained(stored.run_id, weights, cost)
 
 
 def _to_device(data: DataSplits, device: torch.device, channels_last: bool = False) -> DataSplits:
@@ -311,31 +313,30 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
     collapsed = ctx.check_collapse()
     cost = trainer.cost
     final = history[-1] if history else {}
-    summary = {
-        "run_id": rid,
-        "status": "ok",
+    return RunSummary(
+        run_id=rid,
+        status="ok",
         **headline(ctx.cfg),
-        "sparsity": weight_sparsity(masker.params),
-        "test_acc": test_acc,
-        "test_loss": test_loss,
-        "val_acc": final.get("val_acc"),
-        "selected_epoch": selection.epoch if selection and selection.epoch > 0 else None,
-        "selected_val_acc": selection.val_acc if selection and selection.epoch > 0 else None,
-        "selected_test_acc": selected_test_acc,
-        "epochs": cost.epochs,
-        "steps": cost.steps,
-        "wall_s": cost.wall_s,
-        "eval_s": time.perf_counter() - started,
-        "train_flops": cost.train_flops,
-        "dense_train_flops": cost.dense_train_flops,
-        "weights_sha256": weights_sha256,
-        "mask_sha256": mask_sha256,
-        "threads": ctx.cfg.train.threads,
-        "data_identity": data.identity.as_dict() if data.identity is not None else None,
-        "collapsed_layers": collapsed,
-        "reused_runs": ctx.reused,
-        "notes": ctx.notes,
-    }
-    if trainer.world.distributed:
-        summary["ddp"] = {"world_size": trainer.world.size, "mask_sha256": trainer.mask_digests}
-    return summary
+        sparsity=weight_sparsity(masker.params),
+        test_acc=test_acc,
+        test_loss=test_loss,
+        val_acc=final.get("val_acc"),
+        selected_epoch=selection.epoch if selection and selection.epoch > 0 else None,
+        selected_val_acc=selection.val_acc if selection and selection.epoch > 0 else None,
+        selected_test_acc=selected_test_acc,
+        epochs=cost.epochs,
+        steps=cost.steps,
+        wall_s=cost.wall_s,
+        eval_s=time.perf_counter() - started,
+        train_flops=cost.train_flops,
+        dense_train_flops=cost.dense_train_flops,
+        weights_sha256=weights_sha256,
+        mask_sha256=mask_sha256,
+        threads=ctx.cfg.train.threads,
+        data_identity=data.identity.as_dict() if data.identity is not None else None,
+        collapsed_layers=collapsed,
+        reused_runs=ctx.reused,
+        notes=ctx.notes,
+        ddp={"world_size": trainer.world.size, "mask_sha256": trainer.mask_digests}
+        if trainer.world.distributed else None,
+    ).as_dict()

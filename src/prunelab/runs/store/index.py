@@ -23,6 +23,7 @@ from prunelab.faults import fault_point
 from prunelab.io import json_text
 from prunelab.runs.store.checkpoints import notify
 from prunelab.runs.store.layout import INDEX
+from prunelab.runs.summary import RunSummary
 
 # A failed index write with less free space than this is reported as a full disk.
 DISK_FULL_BYTES = 1 << 20
@@ -61,6 +62,11 @@ class RunRecord:
     error: str | None
     created: float
     updated: float
+
+    @property
+    def result(self) -> RunSummary | None:
+        """The typed summary of a finished (``ok``) run; None for any other status."""
+        return RunSummary.from_dict(self.summary) if self.status == "ok" and self.summary is not None else None
 
 
 class Index:
