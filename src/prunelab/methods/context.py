@@ -110,7 +110,7 @@ class Context:
         return result
 
     def finetune(self, name: str, epochs: int, lr: float | None, patience: int = 0, min_delta: float = 0.0) -> CycleResult:
-        """Fine-tuning as in methods.md section 2: a fresh optimizer at ``lr``
+        """Fine-tuning as in docs/methods.md section 2: a fresh optimizer at ``lr``
         (default: a tenth of the training lr), constant learning rate, a fixed
         number of epochs or early stopping on the validation split."""
         optim = dataclasses.replace(
@@ -163,6 +163,12 @@ class Context:
             if note not in self.notes:
                 self.notes.append(note)
         return collapsed
+
+    @skipped_while_replaying
+    def update_masks(self, compute: Callable[[], Masks]) -> None:
+        """Install the masks ``compute`` returns; while a resumed run replays, neither compute nor install
+        them (the checkpoint of the interrupted cycle restores the masks, and scoring may be costly)."""
+        self.set_masks(compute())
 
     @skipped_while_replaying
     def prune(self, scores: Mapping[str, torch.Tensor], density: float) -> None:

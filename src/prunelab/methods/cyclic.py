@@ -1,4 +1,4 @@
-"""``cyclic`` training of a fixed mask and ``sculpt`` (seed arXiv 2406.02773, methods.md section 3).
+"""``cyclic`` training of a fixed mask and ``sculpt`` (seed arXiv 2406.02773, docs/methods.md section 3).
 
 No official code was found for the seed; the details come from reviews of the
 paper. cyclic: a mask from a pruning-at-initialisation criterion, then C
@@ -83,8 +83,7 @@ def sculpt(ctx: Context, s: SculptSettings) -> None:
     prune_by(ctx, s.score, 1.0 - s.initial_sparsity, s)
     for c in range(1, s.cycles + 1):
         ctx.train_cycle(f"cycle {c}/{s.cycles}")
-    if not ctx.replaying:
-        # One GLOBAL magnitude prune, whatever allocation gave the initial mask.
-        params, masks = ctx.trainer.masker.params, ctx.trainer.masker.masks
-        ctx.set_masks(global_masks(magnitude(params), ctx.target_density, masks))
+    # One GLOBAL magnitude prune, whatever allocation gave the initial mask.
+    m = ctx.trainer.masker
+    ctx.update_masks(lambda: global_masks(magnitude(m.params), ctx.target_density, m.masks))
     ctx.train_cycle("final cycle")

@@ -1,6 +1,6 @@
 """Pruning at initialisation, then one training cycle: ``random``, ``erk``, ``snip``, ``grasp``, ``synflow``.
 
-methods.md section 4. The mask is computed once on the freshly initialised
+docs/methods.md section 4. The mask is computed once on the freshly initialised
 network and never changes. ``random`` draws i.i.d. scores and allocates them
 layerwise (the same density in every layer) unless ``prune.allocation`` is
 ``erk``; ``erk`` is random scores with the ERK layer densities (Evci et al.

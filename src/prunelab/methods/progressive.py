@@ -1,6 +1,6 @@
 """``progressive``: magnitude pruning that ramps sparsity up within ONE training cycle.
 
-methods.md section 1 (seed arXiv 2606.12278; p = 3 is Zhu & Gupta's gradual
+docs/methods.md section 1 (seed arXiv 2606.12278; p = 3 is Zhu & Gupta's gradual
 magnitude pruning). Before the batch of each update step, the mask is
 recomputed from the magnitudes of the weights still active and intersected
 with the old mask (monotone). With ``monotone=False`` the mask is recomputed

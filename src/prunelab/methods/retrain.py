@@ -1,4 +1,4 @@
-"""``oneshot`` and ``iterative``: prune a trained dense network, then fine-tune (methods.md section 2).
+"""``oneshot`` and ``iterative``: prune a trained dense network, then fine-tune (docs/methods.md section 2).
 
 Seed arXiv 2508.13836. The dense pretraining is part of the run and of its
 cost; a stored dense run of the same recipe is reused. Fine-tuning per step

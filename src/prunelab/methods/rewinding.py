@@ -107,8 +107,7 @@ def _rounds(ctx: Context, s: LRRSettings) -> Iterator[int]:
     m = ctx.trainer.masker
     args = (s, ctx.cfg.prune.allocation, ctx.target_kept)
     for r in range(1, prune_rounds(m.params, m.masks, *args) + 1):
-        if not ctx.replaying:
-            ctx.set_masks(next_masks(m.params, m.masks, *args))
+        ctx.update_masks(lambda: next_masks(m.params, m.masks, *args))
         yield r
 
 

@@ -63,5 +63,4 @@ def masks_by(ctx: Context, name: str, density: float, settings: object = None) -
 
 def prune_by(ctx: Context, name: str, density: float, settings: object = None) -> None:
     """Prune the current network to ``density`` by criterion ``name`` (skipped while a resumed run replays)."""
-    if not ctx.replaying:
-        ctx.set_masks(masks_by(ctx, name, density, settings))
+    ctx.update_masks(lambda: masks_by(ctx, name, density, settings))
