@@ -144,6 +144,9 @@ def test_report_files_are_written_and_self_contained(store_root: Path, tmp_path:
     sources = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", page, flags=re.I)
     assert len(sources) == len(stems) and all(s.startswith("data:") for s in sources)
     assert "<link" not in page and "url(" not in page
+    # Shared reports name no folder of this machine: an absolute store path is shown by its name only.
+    assert store_root.is_absolute() and str(store_root) not in page
+    assert f"Store: `{store_root.name}`" in (out / "report.md").read_text()
 
 
 def test_output_is_deterministic(store_root: Path, tmp_path: Path) -> None:

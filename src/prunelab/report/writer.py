@@ -73,7 +73,9 @@ def _counts(store_root: Path, records: Sequence[RunRecord], where: Mapping[str, 
     for r in records:
         by_status[r.status] = by_status.get(r.status, 0) + 1
     counts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
-    return f"Store: `{store_root}`. Filter: {_where_text(where)}. Runs: {counts}."
+    # A report is meant to be shared: an absolute path would only name folders of this machine.
+    shown = store_root.name if store_root.is_absolute() else store_root
+    return f"Store: `{shown}`. Filter: {_where_text(where)}. Runs: {counts}."
 
 
 # ---------------------------------------------------------------- formatting
