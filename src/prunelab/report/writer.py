@@ -13,7 +13,7 @@ from prunelab.report.masks import iou_matrix, layer_densities, load_mask
 from prunelab.report.references import Reference, references_for
 from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records
 from prunelab.io import atomic_write_bytes
-from prunelab.runs.store import RunRecord, Store
+from prunelab.runs.store import INDEX, RunRecord, Store
 
 MIN_SEEDS = 3
 
@@ -47,8 +47,8 @@ def write_report(
     (default: the highest one shared by the most methods). Returns the written paths.
     """
     store_root, out = Path(store_root), Path(out)
-    if not (store_root / "index.sqlite").exists():
-        raise UserError(f"there is no run store at {store_root} (no index.sqlite)")
+    if not (store_root / INDEX).exists():
+        raise UserError(f"there is no run store at {store_root} (no {INDEX})")
     records = filter_records(Store.reader(store_root).records(), where)
     if not records:
         raise UserError(f"no run in the store at {store_root} matches {_where_text(where)}")
