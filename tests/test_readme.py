@@ -1,4 +1,4 @@
-"""README's Python examples run as written."""
+"""The Python examples of README.md and docs/api.md run as written."""
 
 from __future__ import annotations
 
@@ -7,18 +7,31 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "docs/api.md")
 
 
-def test_readme_has_python_examples() -> None:
-    assert BLOCKS
+def python_blocks(document: str) -> list[str]:
+    """The ```python blocks of ``document`` (a path relative to the repository root), in order."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / document).read_text(), flags=re.DOTALL)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+EXAMPLES = [(document, index) for document in DOCUMENTS
+            for index in range(len(python_blocks(document)))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_document_has_python_examples(document: str) -> None:
+    assert python_blocks(document)
+
+
+@pytest.mark.parametrize(("document", "index"), EXAMPLES, ids=[f"{d}-{i}" for d, i in EXAMPLES])
+def test_python_example_runs(
+    document: str, index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    block = python_blocks(document)[index]
     monkeypatch.chdir(tmp_path)  # examples may write files
-    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
-    if "print(f\"sparsity" in BLOCKS[index]:
+    exec(compile(block, f"{document} python block {index}", "exec"), {"__name__": "__readme__"})
+    if "print(f\"sparsity" in block:
         assert "sparsity 0.9000" in capsys.readouterr().out
