@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,6 +69,32 @@ def max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     """Largest absolute difference between ``a`` (put in eval mode) and ``b`` on ``x``."""
     with torch.no_grad():
         return float((a.eval()(x) - b(x)).abs().max())
+
+
+def interrupted_then_resumed(
+    cfg: Any, runtime: Any, monkeypatch: pytest.MonkeyPatch, run_id: str, stop: Callable[[int, dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Run ``cfg`` (run ``run_id``) until Ctrl-C after the epoch record of that run for which
+    ``stop(n, record)`` holds (``n``: its records so far, from 1; records of runs it trains first, such
+    as dense pretraining, do not count), then run it again (it resumes); the resumed run's summary."""
+    from prunelab.runs.experiment import run
+    from prunelab.runs.store import RunFolder
+
+    original = RunFolder.append_metrics
+    seen = {"n": 0}
+
+    def interrupt(self: RunFolder, record: dict[str, Any]) -> None:
+        original(self, record)
+        if self.path.name == run_id:
+            seen["n"] += 1
+            if stop(seen["n"], record):
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, runtime)
+    monkeypatch.setattr(RunFolder, "append_metrics", original)
+    return run(cfg, runtime)[0]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,10 @@ def test_python_example_runs(
 ) -> None:
     block = python_blocks(document)[index]
     monkeypatch.chdir(tmp_path)  # examples may write files
-    exec(compile(block, f"{document} python block {index}", "exec"), {"__name__": "__readme__"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(block, f"{document} python block {index}", "exec"), {"__name__": "__readme__"})
+    # An example must not teach a pruning that disconnects the network.
+    assert not [w for w in caught if "lost all its weights" in str(w.message)]
     if "print(f\"sparsity" in block:
         assert "sparsity 0.9000" in capsys.readouterr().out

@@ -6,11 +6,13 @@ import pytest
 
 from prunelab.runs.summary import DivergedSummary, RunSummary
 
-# The keys of `prunelab run --json` / summary.json for a single-process run, as before the typed summary.
+# The keys of `prunelab run --json` / summary.json for a single-process run (itop_rate and
+# connections_moved added with dynamic sparse training; the others as before the typed summary).
 KEYS = {
     "run_id", "status", "method", "model", "dataset", "target_sparsity", "seed", "sparsity", "test_acc",
     "test_loss", "val_acc", "selected_epoch", "selected_val_acc", "selected_test_acc", "epochs", "steps",
-    "wall_s", "eval_s", "train_flops", "dense_train_flops", "weights_sha256", "mask_sha256", "threads",
+    "wall_s", "eval_s", "train_flops", "dense_train_flops", "itop_rate", "connections_moved", "weights_sha256",
+    "mask_sha256", "threads",
     "data_identity", "collapsed_layers", "reused_runs", "notes",
 }
 HEAD = {"run_id": "0123456789ab", "method": "progressive", "model": "lenet300", "dataset": "fashion-mnist",

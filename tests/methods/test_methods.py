@@ -15,15 +15,16 @@ import torch
 from prunelab.config.build import build_config
 from prunelab.runs.experiment import Runtime, run
 from prunelab.methods import METHODS
-from prunelab.runs.store import RunFolder, Store
+from prunelab.runs.store import Store
 from prunelab.training.loop import Trainer
+from conftest import interrupted_then_resumed
 
 TINY = {"data.val_size": 200, "train.batch_size": 100, "epochs": 1}  # 1000 train images: 10 steps/epoch
 TOTAL = 266_200  # LeNet-300-100's Linear weights
 
 # Cycles each method trains at sparsity 0.9 with one-epoch cycles (dense pretraining included).
 CYCLES = {"dense": 1, "progressive": 1, "oneshot": 2, "iterative": 12, "lottery": 12, "lrr": 12, "random": 1,
-          "erk": 1, "snip": 1, "grasp": 1, "synflow": 1, "cyclic": 4, "sculpt": 5}
+          "erk": 1, "snip": 1, "grasp": 1, "synflow": 1, "cyclic": 4, "sculpt": 5, "set": 1, "rigl": 1, "granet": 1}
 
 
 def _runtime(store: Path, data: Path) -> Runtime:
@@ -208,21 +209,9 @@ def test_retrain_variants(raw: dict, cycles: int | None, tiny_data_dir: Path, tm
 def test_multi_cycle_methods_resume_bit_identical(raw: dict, tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = build_config({**TINY, **raw})
     reference, _ = run(cfg, _runtime(tmp_path / "a", tiny_data_dir))
-    original = RunFolder.append_metrics
-    calls = {"n": 0}
-
-    def interrupt(self: RunFolder, record: dict[str, Any]) -> None:
-        original(self, record)
-        if self.path.name == reference["run_id"]:
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third epoch of the method's own cycles: earlier cycles are replayed
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, _runtime(tmp_path / "b", tiny_data_dir))
-    monkeypatch.setattr(RunFolder, "append_metrics", original)
-    resumed, _ = run(cfg, _runtime(tmp_path / "b", tiny_data_dir))
+    # Ctrl-C after the third epoch of the method's own cycles: the earlier cycles are replayed.
+    resumed = interrupted_then_resumed(cfg, _runtime(tmp_path / "b", tiny_data_dir), monkeypatch,
+                                       reference["run_id"], lambda n, record: n == 3)
     for key in ("weights_sha256", "test_acc", "sparsity", "epochs", "steps", "train_flops", "reused_runs", "notes"):
         assert resumed[key] == reference[key], key
 
@@ -257,3 +246,10 @@ def test_layer_collapse_is_reported(tiny_data_dir: Path, tmp_path: Path) -> None
     assert empty == ["fc1.weight"]
     assert summary["collapsed_layers"] == empty
     assert all(any(n in note for note in summary["notes"]) for n in empty)
+
+
+@pytest.mark.parametrize(("epochs", "noted"), [(2, True), (4, False)])
+def test_progressive_says_when_its_ramp_is_pruning_at_init(epochs: int, noted: bool, tiny_data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    summary, _ = run(build_config({**TINY, "epochs": epochs}), _runtime(tmp_path, tiny_data_dir))
+    assert any("in effect pruning at initialisation" in note for note in summary["notes"]) == noted

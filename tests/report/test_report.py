@@ -59,7 +59,8 @@ def add_run(store: Store, method: str, sparsity: float, seed: int, *, model: str
             dataset: str = "fashion-mnist", settings: dict[str, Any] | None = None, test_acc: float = 0.85,
             selected: float | None = 0.86, achieved: float | None = None, epochs: int = 30,
             train_flops: float = 1.2e12, dense_flops: float = 3e12, collapsed: tuple[str, ...] = (),
-            reused: tuple[str, ...] = (), kept: list[int] | None = None, finish: bool = True) -> str:
+            reused: tuple[str, ...] = (), kept: list[int] | None = None, finish: bool = True,
+            dynamic: dict[str, float] | None = None) -> str:
     cfg = config(method, sparsity, seed, model, dataset, settings or {})
     rid = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     head = {"method": method, "model": model, "dataset": dataset, "target_sparsity": sparsity, "seed": seed}
@@ -78,6 +79,7 @@ def add_run(store: Store, method: str, sparsity: float, seed: int, *, model: str
         "epochs": epochs, "steps": 100 * epochs, "wall_s": 10.0 * (seed + 1),
         "train_flops": train_flops, "dense_train_flops": dense_flops,
         "collapsed_layers": list(collapsed), "reused_runs": list(reused), "notes": [], "mask_sha256": mask_sha256,
+        **(dynamic or {}),
     })
     return rid
 
@@ -147,6 +149,19 @@ def test_report_files_are_written_and_self_contained(store_root: Path, tmp_path:
     # Shared reports name no folder of this machine: an absolute store path is shown by its name only.
     assert store_root.is_absolute() and str(store_root) not in page
     assert f"Store: `{store_root.name}`" in (out / "report.md").read_text()
+
+
+def test_dynamic_runs_show_itop_and_moved_connections(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs")
+    for seed, (itop, moved) in enumerate([(0.25, 100), (0.35, 300)]):
+        add_run(store, "rigl", 0.9, seed, dynamic={"itop_rate": itop, "connections_moved": moved})
+    add_run(store, "progressive", 0.9, 0)  # stored before ITOP was recorded
+    write_report(tmp_path / "runs", tmp_path / "out")
+    rows = md_table((tmp_path / "out" / "report.md").read_text(), "### Results")
+    header, by_method = rows[0], {r[0]: r for r in rows[1:]}
+    itop, moved = header.index("ITOP (%)"), header.index("moved")
+    assert (by_method["rigl"][itop], by_method["rigl"][moved]) == ("30.0", "200")
+    assert (by_method["progressive"][itop], by_method["progressive"][moved]) == ("n/a", "n/a")
 
 
 def test_output_is_deterministic(store_root: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Import order is registration order, which is the order `prunelab list methods` shows.
 """
 
-from prunelab.methods import dense, progressive, retrain, rewinding, pai, cyclic  # noqa: F401, I001
+from prunelab.methods import dense, progressive, retrain, rewinding, pai, cyclic, dynamic  # noqa: F401, I001
 from prunelab.methods.base import METHODS, MethodSpec, register_method, settings_help
 
 __all__ = ["METHODS", "MethodSpec", "register_method", "settings_help"]

@@ -129,6 +129,7 @@ class Context:
         dense = pretrained()
         self.trainer.model.load_state_dict(dense.weights)
         self.trainer.cost.add(dense.cost)
+        self.trainer.history.pretrained()  # every weight was trained, in the stored dense run
         self.reused.append(dense.run_id)
         self.notes.append(f"dense pretraining is run {dense.run_id}; its cost is included in this run's")
 

@@ -67,6 +67,9 @@ def _register(
     register_method(name, settings, summary, resolve)(run)
 
 
+erk_unless_layerwise = _allocation("erk", unless=("layerwise", "erk"))
+"""A resolver giving the ERK allocation unless ``prune.allocation`` asks for layerwise (SET, RigL)."""
+
 _register("random", "random", NoSettings, "random mask at init (uniform per layer), then one cycle",
           _allocation("layerwise", unless=("layerwise", "erk")))
 _register("erk", "random", NoSettings, "random mask at init with ERK layer densities, then one cycle",

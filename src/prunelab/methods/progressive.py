@@ -19,7 +19,7 @@ from prunelab.methods.base import register_method
 from prunelab.methods.context import Context
 from prunelab.sparsity.pruner import MagnitudeRamp
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.training.loop import Trainer
+from prunelab.training.loop import StepHook, Trainer
 
 if TYPE_CHECKING:
     from prunelab.config.schema import RunConfig
@@ -60,7 +60,7 @@ def _check(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-class ProgressiveHook:
+class ProgressiveHook(StepHook[Trainer]):
     """Drives the library's :class:`MagnitudeRamp` from the trainer, before the batch of each step."""
 
     def __init__(self, ramp: MagnitudeRamp) -> None:
@@ -89,11 +89,15 @@ def run(ctx: Context, s: ProgressiveSettings) -> None:
     epochs = ctx.cfg.train.epochs
     steps_per_epoch = ctx.trainer.steps_per_epoch
     every = s.update_every or steps_per_epoch
+    end = ramp_end(s, epochs)
+    if end <= 1 and not ctx.replaying:
+        ctx.notes.append(f"the ramp ends at epoch {end}: the target is reached within the first epoch, "
+                         "so this run is in effect pruning at initialisation (magnitude at init)")
     schedule = PolynomialSchedule(
         initial=s.initial_sparsity,
         final=ctx.cfg.prune.sparsity,
         start=s.start_epoch * steps_per_epoch,
-        end=ramp_end(s, epochs) * steps_per_epoch,
+        end=end * steps_per_epoch,
         every=every,
         power=s.power,
     )

@@ -25,7 +25,7 @@ from prunelab.methods.context import Context
 from prunelab.sparsity.allocate import allocate, layerwise_masks
 from prunelab.sparsity.mask import Masks, count_kept
 from prunelab.sparsity.scores import magnitude
-from prunelab.training.loop import Trainer
+from prunelab.training.loop import StepHook, Trainer
 
 if TYPE_CHECKING:
     from prunelab.config.schema import RunConfig
@@ -111,7 +111,7 @@ def _rounds(ctx: Context, s: LRRSettings) -> Iterator[int]:
         yield r
 
 
-class Snapshot:
+class Snapshot(StepHook[Trainer]):
     """Saves the network's state before the batch of ``step`` (i.e. after ``step`` optimizer steps)."""
 
     def __init__(self, step: int, name: str) -> None:

@@ -190,6 +190,16 @@ class Row:
         return _mean_of(s.wall_s for s in self.summaries)
 
     @property
+    def itop(self) -> float | None:
+        """Mean in-time over-parameterisation rate (runs stored before it was recorded have none)."""
+        return _mean_of(s.itop_rate for s in self.summaries)
+
+    @property
+    def moved(self) -> float | None:
+        """Mean number of connections (re)activated after the start of training."""
+        return _mean_of(s.connections_moved for s in self.summaries)
+
+    @property
     def reused(self) -> list[list[str]]:
         """Per run (by seed), the ids of stored runs whose cost it includes."""
         return [list(s.reused_runs or []) for s in self.summaries]

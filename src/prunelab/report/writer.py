@@ -24,13 +24,15 @@ PROTOCOL = (
     "deviation (ddof=1; n/a for one seed). Sparsity is measured from the weights, over prunable "
     "tensors. Training cost counts all the training a run needed, reused runs such as the dense "
     "pretraining included, in dense-epoch equivalents: training FLOPs divided by the FLOPs of one "
-    "epoch of dense training of the same model."
+    "epoch of dense training of the same model. ITOP is the in-time over-parameterisation rate "
+    "(Liu et al. 2021), the share of prunable weights active in at least one training step; moved "
+    "counts the connections (re)activated after training started (dynamic sparse training)."
 )
 
 RESULT_HEADERS = (
     "method / variant", "target sparsity", "achieved sparsity", "seeds", "final test acc. (%)",
     "val-selected test acc. (%)", "cost (dense epochs)", "epochs", "train FLOPs", "wall (s)",
-    "reused runs",
+    "reused runs", "ITOP (%)", "moved",
 )
 
 
@@ -114,6 +116,7 @@ def result_rows(table: Table) -> list[tuple[str, ...]]:
             row.label, plots.pct(row.target), "n/a" if achieved is None else f"{100 * achieved:.2f}%",
             str(len(row.runs)), _pm(*row.test), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
             _num(row.flops, ".2e"), _num(row.wall, ".1f"), _reused(row),
+            "n/a" if row.itop is None else f"{100 * row.itop:.1f}", _num(row.moved, ".0f"),
         ))
     return cells
 

@@ -330,6 +330,8 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
         eval_s=time.perf_counter() - started,
         train_flops=cost.train_flops,
         dense_train_flops=cost.dense_train_flops,
+        itop_rate=trainer.history.itop_rate(),
+        connections_moved=trainer.history.moved,
         weights_sha256=weights_sha256,
         mask_sha256=mask_sha256,
         threads=ctx.cfg.train.threads,

@@ -51,6 +51,12 @@ class RunSummary:
     train_flops: float | None = None
     dense_train_flops: float | None = None
     """The same steps' FLOPs had every layer been dense."""
+    itop_rate: float | None = None
+    """In-time over-parameterisation (Liu et al. 2021): the fraction of prunable weights active in at
+    least one training step (dense pretraining included): 1 when training starts dense, the density for a
+    fixed mask from initialisation, more when connections move."""
+    connections_moved: int | None = None
+    """Connections activated after the start of training (regrown or revived); 0 for monotone pruning."""
     weights_sha256: str | None = None
     mask_sha256: str | None = None
     threads: int | None = None

@@ -2,9 +2,10 @@
 
 A mask set is a plain ``dict`` from parameter name to a boolean tensor of the
 parameter's shape (True = the weight is kept). Prunable tensors are the
-``weight`` of every Conv and Linear layer and the input projections of
-``nn.MultiheadAttention``, minus name patterns the user excludes; embedding
-tables only when asked for.
+``weight`` of every Conv and Linear layer, the input projections of
+``nn.MultiheadAttention`` and the weight matrices of ``nn.RNN``, ``nn.LSTM``
+and ``nn.GRU``, minus name patterns the user excludes; embedding tables only
+when asked for.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def prunable_parameters(
     """The prunable weights of ``model``, keyed by parameter name, in model order.
 
     These are the ``weight`` of every Conv and Linear layer (attention output
-    projections included) and the packed or separate q/k/v input projections of
-    every ``nn.MultiheadAttention``. Embedding tables are left out unless
+    projections included), the packed or separate q/k/v input projections of
+    every ``nn.MultiheadAttention``, and the ``weight_ih_l*``, ``weight_hh_l*``
+    (and ``weight_hr_l*``) matrices of every recurrent layer, reverse
+    directions included. Embedding tables are left out unless
     ``embeddings`` is true, also when a Linear layer shares (ties) its weight
     with one: pruning a vocabulary row removes a token, not a connection.
     ``exclude`` holds fnmatch patterns matched against the parameter name
@@ -54,6 +57,10 @@ def _weight_names(module: nn.Module, embeddings: bool) -> tuple[str, ...]:
     """Attribute names of the prunable weights a module owns directly."""
     if isinstance(module, PRUNABLE_TYPES) or (embeddings and isinstance(module, nn.Embedding)):
         return ("weight",)
+    if isinstance(module, nn.RNNBase):
+        # Input-hidden, hidden-hidden (and LSTM projection) matrices of every layer and direction.
+        return tuple(n for n, _ in module.named_parameters(recurse=False)
+                     if n.startswith(("weight_ih_l", "weight_hh_l", "weight_hr_l")))
     if isinstance(module, nn.MultiheadAttention):
         # One packed q/k/v matrix, or three when key/value sizes differ from the embedding size.
         return ("in_proj_weight",) if module.in_proj_weight is not None else (
@@ -158,6 +165,13 @@ class Masker:
         if pairs:
             grads, factors = zip(*pairs)
             torch._foreach_mul_(list(grads), list(factors))
+
+    @torch.no_grad()
+    def mask_grads_with(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Also zero the gradients outside ``masks`` for this step (connections that have just come in)."""
+        for name, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(masks[name].to(p.grad.dtype))
 
     def register_grad_hooks(self) -> list[RemovableHandle]:
         """Zero pruned gradients as soon as backward has accumulated them, one weight at a time.

@@ -18,6 +18,7 @@ their optimizer state at zero), without prunelab's trainer, data or store::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import nn
 from prunelab.errors import UserError
 from prunelab.sparsity.allocate import ALLOCATORS, allocate
 from prunelab.sparsity.criteria import CRITERIA, Probe, Target
-from prunelab.sparsity.mask import Masker, Masks, mask_sparsity, prunable_parameters
+from prunelab.sparsity.mask import Masker, Masks, collapsed_layers, mask_sparsity, prunable_parameters
 from prunelab.sparsity.schedules import PolynomialSchedule
 from prunelab.sparsity.scores import Batch, magnitude
 
@@ -67,6 +68,7 @@ def prune(
     else:
         masks = allocate(_given(params, criterion), target.density, target.allocation)
     Masker(params).set_masks(masks, optimizer)
+    _warn_collapse(masks, set())
     return masks
 
 
@@ -175,6 +177,7 @@ class ProgressivePruner:
         self.ramp = MagnitudeRamp(self.schedule, scope)
         self.masker = Masker(_prunable(model, exclude, embeddings))
         self.steps = 0
+        self._collapsed: set[str] = set()  # layers already warned about
         self._handles = self.masker.register_grad_hooks()
         self._update()
 
@@ -197,6 +200,7 @@ class ProgressivePruner:
         masks = self.ramp.masks_at(self.steps, self.masker.params, self.masker.masks)
         if masks is not None:
             self.masker.set_masks(masks, self.optimizer)
+            _warn_collapse(masks, self._collapsed)
 
     def state_dict(self) -> dict[str, Any]:
         """The step count and masks, to checkpoint beside the model and optimizer."""
@@ -223,8 +227,22 @@ def _fraction(sparsity: float) -> float:
 def _prunable(model: nn.Module, exclude: Sequence[str], embeddings: bool) -> dict[str, nn.Parameter]:
     params = prunable_parameters(model, exclude, embeddings)
     if not params:
-        raise UserError("the model has no prunable weights (Linear, Conv or attention projections) left after exclusions")
+        raise UserError("the model has no prunable weights (Linear, Conv, recurrent or attention weights) "
+                        "left after exclusions")
+    everything = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    share = sum(p.numel() for p in params.values()) / everything
+    if share < 0.5:
+        warnings.warn(f"the prunable weights hold only {share:.1%} of the model's parameters, and the sparsity "
+                      "counts only them (see prunelab.sparsity.mask.prunable_parameters)", stacklevel=3)
     return params
+
+
+def _warn_collapse(masks: Masks, warned: set[str]) -> None:
+    """One warning per layer that the masks empty entirely (the network is disconnected there)."""
+    for name in collapsed_layers(masks):
+        if name not in warned:
+            warned.add(name)
+            warnings.warn(f"{name} lost all its weights: the network is disconnected there", stacklevel=3)
 
 
 def _given(params: Mapping[str, nn.Parameter], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

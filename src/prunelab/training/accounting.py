@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prunelab.sparsity.mask import layer_densities
-from prunelab.training.cost import dense_train_step_flops, train_step_flops
+from prunelab.training.cost import TRAIN_STEP_FORWARDS, dense_train_step_flops, train_step_flops
 
 
 @dataclass
@@ -44,6 +44,7 @@ class CostMeter:
         # Per sample; a step costs these times its global batch size.
         self._dense_step_flops = dense_train_step_flops(self.layer_flops, 1)
         self._step_flops = 0.0
+        self._last_batch = 0
         self.masks_changed(masks)
 
     def masks_changed(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -54,6 +55,17 @@ class CostMeter:
         """One optimizer step on a global batch of ``batch_size`` samples (whatever share this process trains)."""
         self.cost.train_flops += self._step_flops * batch_size
         self.cost.dense_train_flops += self._dense_step_flops * batch_size
+        self._last_batch = batch_size
+
+    def count_dense_gradient(self) -> None:
+        """The last step also computed the dense gradient of its batch (RigL's and GraNet's mask updates).
+
+        RigL's accounting (Evci et al. 2020): such a step costs 2 f_S + f_D per
+        sample, a sparse forward and input gradient plus the dense weight
+        gradient, instead of 3 f_S; the difference f_D - f_S is added.
+        """
+        per_forward = (self._dense_step_flops - self._step_flops) / TRAIN_STEP_FORWARDS
+        self.cost.train_flops += per_forward * self._last_batch
 
     def count_epoch(self, steps: int) -> None:
         """One finished epoch of ``steps`` optimizer steps."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from prunelab.data import Augment, DataSplits, num_batches, train_batches
 from prunelab.faults import fault_point
+from prunelab.sparsity.dynamic import MaskHistory
 from prunelab.sparsity.mask import Masker, Masks, count_kept, mask_sparsity
 from prunelab.training.accounting import Cost, CostMeter
 from prunelab.training.distributed import SINGLE, SharedCheckpointer, World, masks_digest
@@ -112,6 +114,8 @@ class Trainer:
         self.log = log or (lambda record: None)
         self.progress = progress
         self.meter = CostMeter(layer_flops, masker.masks)
+        # Which connections were ever trained, and how many came in after the start (ITOP).
+        self.history = MaskHistory(masker.masks)
         self.mask_digests: list[str] = []  # per rank, from the last check of a distributed run
         self.optimizer: torch.optim.Optimizer | None = None
         self.cycle_index = 0
@@ -158,6 +162,7 @@ class Trainer:
     def _install_masks(self, masks: Masks, optimizer: torch.optim.Optimizer | None, what: str) -> None:
         self.masker.set_masks(masks, optimizer)
         self.meter.masks_changed(self.masker.masks)
+        self.history.installed(self.masker.masks)
         self.agree_on_masks(what)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -220,13 +225,15 @@ class Trainer:
         for i, batch in enumerate(bar):
             fault_point("step")
             step = epoch * steps_per_epoch + i
-            if cycle.hook is not None:
-                cycle.hook.before_step(step, self)
+            hook = cycle.hook
+            if hook is not None:
+                hook.before_step(step, self)
             set_lr(opt, lr_at(step, steps_per_epoch, cycle.epochs, cycle.optim))
-            tally.add(i, *train_step(self._step_model, opt, self.masker, self.world, batch,
-                                     s.precision, s.label_smoothing))
             # The global batch: its cost is counted, whatever share of it this process trained.
             self.meter.count_step(len(batch[1]))
+            self.history.stepped()  # the masks in force now are those of this step's forward pass
+            tally.add(i, *train_step(self._step_model, opt, self.masker, self.world, batch, s.precision,
+                                     s.label_smoothing, None if hook is None else partial(hook.after_backward, step, self)))
         bar.close()
         check_finite(tally.losses, self.model, epoch, steps_per_epoch)
         self.masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
@@ -263,10 +270,11 @@ class Trainer:
         self.checkpointer.save(cycle_checkpoint(
             cycle=cycle.index, epochs_done=epochs_done, model=self.model, optimizer=self.optimizer,
             masks=self.masker.masks, hook=cycle.hook, cost=self.cost, result=result, extra=self.extra,
+            mask_history=self.history,
         ))
 
     def _restore(self, state: dict[str, Any], hook: StepHook[Trainer] | None, result: CycleResult) -> int:
         assert self.optimizer is not None
         self.model.load_state_dict(state["model"])
         self._install_masks(state["masks"], None, "the masks of the checkpoint resumed from")
-        return restore_cycle(state, self.optimizer, hook, self.meter, result, self.extra)
+        return restore_cycle(state, self.optimizer, hook, self.meter, result, self.extra, self.history)

@@ -26,7 +26,9 @@ class Checkpointer(Protocol):
 
 
 class StepHook(Protocol[TrainerT]):
-    """Called before every optimizer step of a cycle (progressive pruning is one).
+    """Called around every optimizer step of a cycle (progressive pruning and dynamic sparse training are ones).
+
+    A hook subclasses it explicitly to inherit the default of :meth:`after_backward`.
 
     Generic over the trainer it is handed, so this module need not import the
     trainer: :mod:`prunelab.training.loop` uses ``StepHook[Trainer]``.
@@ -36,10 +38,18 @@ class StepHook(Protocol[TrainerT]):
         """Act before the batch of ``step`` (0-based over the cycle) is trained."""
         ...
 
+    def after_backward(self, step: int, trainer: TrainerT) -> bool:
+        """Act once the batch of ``step`` has its dense gradients, before they are masked.
+
+        Returns True when the step's gradients were spent on changing the masks
+        and the optimizer must not step (RigL's update steps). Default: nothing.
+        """
+        return False
+
     def state_dict(self) -> dict[str, Any]:
-        """What the hook must remember across an interruption (checkpointed with the cycle)."""
-        ...
+        """What the hook must remember across an interruption (checkpointed with the cycle). Default: nothing."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        ...
+        """Restore what :meth:`state_dict` returned. Default: nothing to restore."""
+        return None

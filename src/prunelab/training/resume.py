@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunelab.training.accounting import Cost, CostMeter
+from prunelab.sparsity.dynamic import MaskHistory
 from prunelab.training.protocols import StepHook
 from prunelab.training.selection import CycleResult, Selection
 
@@ -117,6 +118,7 @@ def cycle_checkpoint(
     cost: Cost,
     result: CycleResult,
     extra: Mapping[str, Any],
+    mask_history: MaskHistory,
 ) -> dict[str, Any]:
     """Everything needed to continue ``cycle`` after ``epochs_done`` epochs, as one checkpoint."""
     return {
@@ -132,6 +134,7 @@ def cycle_checkpoint(
         "selection": asdict(result.selection),
         "improved_epoch": result.improved_epoch,
         "extra": dict(extra),
+        "mask_history": mask_history.state_dict(),
     }
 
 
@@ -142,6 +145,7 @@ def restore_cycle(
     meter: CostMeter,
     result: CycleResult,
     extra: dict[str, Any],
+    mask_history: MaskHistory,
 ) -> int:
     """Load a :func:`cycle_checkpoint` beyond the weights and masks (installed first); the epochs it had done.
 
@@ -158,4 +162,6 @@ def restore_cycle(
     result.improved_epoch = int(state["improved_epoch"])
     extra.clear()
     extra.update(state["extra"])
+    if "mask_history" in state:  # checkpoints written before ITOP was recorded start the history afresh
+        mask_history.load_state_dict(state["mask_history"], state["masks"])
     return int(state["epoch"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,15 @@ def train_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     precision: str,
     label_smoothing: float,
+    after_backward: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step on this process's share of the global ``batch``, pruned weights kept at 0.
 
     ``model`` is what the step calls (the DistributedDataParallel wrapper
-    when distributed). Returns the share's mean loss (detached, not synced),
-    its number of correct predictions (a tensor) and its size.
+    when distributed). ``after_backward`` runs while the gradients are dense
+    (averaged over the ranks); when it returns True the optimizer does not
+    step. Returns the share's mean loss (detached, not synced), its number of
+    correct predictions (a tensor) and its size.
     """
     x, y, scale = world.shard(*batch)
     with autocast(x.device, precision):
@@ -51,8 +55,9 @@ def train_step(
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss if scale == 1.0 else loss * scale).backward()
-    masker.apply_to_grads()
-    optimizer.step()  # pruned weights stay exactly 0: see Masker
+    if after_backward is None or not after_backward():
+        masker.apply_to_grads()
+        optimizer.step()  # pruned weights stay exactly 0: see Masker
     return loss.detach(), (out.detach().argmax(1) == y).sum(), len(y)
 
 
