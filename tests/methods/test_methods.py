@@ -253,3 +253,48 @@ def test_progressive_says_when_its_ramp_is_pruning_at_init(epochs: int, noted: b
                                                            tmp_path: Path) -> None:
     summary, _ = run(build_config({**TINY, "epochs": epochs}), _runtime(tmp_path, tiny_data_dir))
     assert any("in effect pruning at initialisation" in note for note in summary["notes"]) == noted
+
+
+@pytest.mark.parametrize(("rewind", "k"), [("1ep", 10), ("3it", 3)])
+def test_late_rewinding_continues_from_step_k_with_its_learning_rate(
+    rewind: str, k: int, tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prunelab.training import loop
+    from prunelab.training.optim import lr_at
+
+    optimizers: list[Any] = []  # one per cycle, held so that no id is reused
+    first_lr: list[float] = []
+    original = loop.set_lr
+
+    def record(optimizer: Any, lr: float) -> None:
+        if not optimizers or optimizer is not optimizers[-1]:  # a cycle's first step
+            optimizers.append(optimizer)
+            first_lr.append(lr)
+        original(optimizer, lr)
+
+    monkeypatch.setattr(loop, "set_lr", record)
+    cfg = build_config({**TINY, "method": "lottery", "sparsity": 0.5, "epochs": 2, "method.rewind": rewind})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    # Round 0 trains all T = 20 steps; each of the 4 rounds to 50% (20% per round) trains T - k.
+    assert summary["steps"] == 20 + 4 * (20 - k)
+    assert summary["epochs"] == pytest.approx(2 + 4 * (20 - k) / 10, rel=1e-12)
+    optim = cfg.train.optim()
+    assert len(first_lr) == 5 and first_lr[0] == lr_at(0, 10, 2, optim)
+    assert all(first_lr[r] == lr_at(k, 10, 2, optim) for r in range(1, 5))
+
+
+def test_lottery_rewound_one_epoch_trains_three_times_the_dense_steps(tiny_data_dir: Path, tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, tiny_data_dir)
+    dense, _ = run(build_config({**TINY, "method": "dense", "epochs": 2}), runtime)
+    cfg = build_config({**TINY, "method": "lottery", "sparsity": 0.5, "epochs": 2, "method.rewind": "1ep"})
+    lottery, _ = run(cfg, runtime)
+    assert lottery["steps"] == 3 * dense["steps"] and lottery["epochs"] == 6.0
+    assert METHODS.get("lottery").plan(cfg).epochs == 6
+
+
+def test_late_rewinding_configs_have_new_ids_and_rewinding_to_init_keeps_its_own() -> None:
+    from prunelab.config.identity import run_id
+
+    # Before rounds continued from step k, `lottery --set method.rewind=1ep` was 7eddab192ef3.
+    assert run_id(build_config({"method": "lottery", "method.rewind": "1ep"})) == "93453a2ad0e5"
+    assert run_id(build_config({"method": "lottery"})) == "0152d2ff4f9f"  # unchanged

@@ -30,8 +30,11 @@ def non_default(obj: Any) -> dict[str, Any]:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(obj, MethodConfig) and f.name == "settings":
-            # None stands for the method's defaults (a config not built yet).
+            # None stands for the method's defaults (a config not built yet). A settings class whose
+            # behaviour changed for some configs names the revision in `identity_extra`, so that
+            # those configs get new ids and no result of the old behaviour is reused.
             nested = non_default(value) if value is not None else {}
+            nested.update(getattr(value, "identity_extra", dict)())
             if nested:
                 out[f.name] = nested
         elif dataclasses.is_dataclass(value):

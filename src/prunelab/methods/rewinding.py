@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +48,11 @@ class LotterySettings(LRRSettings):
     """Per-round pruning and the rewind point of the lottery ticket procedure."""
 
     rewind: str = field(default="0", metadata={"help": "rewind point: 0 (init), '<N>ep' or '<N>it' of round 0"})
+
+    def identity_extra(self) -> dict[str, str]:
+        """Rounds after a late rewind continue from step k since 2026-12 (they restarted the cycle
+        before): such configs carry this in their run id, so no earlier result is taken for them."""
+        return {"late_rewind": "continue"} if self.rewind != "0" else {}
 
 
 def layer_rates(s: LRRSettings) -> list[tuple[str, float]]:
@@ -121,11 +126,6 @@ class Snapshot(StepHook[Trainer]):
         if step == self.step:
             trainer.extra[self.name] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
 
 
 def _rewind_step(rewind: str, steps_per_epoch: int, total: int) -> int:
@@ -137,11 +137,17 @@ def _rewind_step(rewind: str, steps_per_epoch: int, total: int) -> int:
 
 
 def _plan(cfg: RunConfig) -> Plan:
-    """Rounds = ceil(log(1 - s) / log(1 - rate)) (per-layer rates make it an estimate), plus round 0."""
-    s, sparsity = cfg.method.settings, cfg.prune.sparsity
+    """Rounds = ceil(log(1 - s) / log(1 - rate)) (per-layer rates make it an estimate), plus round 0.
+
+    With late rewinding to epoch k each round trains T - k epochs; to a step (``<N>it``) the
+    plan counts full rounds, an upper bound (the steps of an epoch are known only with the data).
+    """
+    s, sparsity, epochs = cfg.method.settings, cfg.prune.sparsity, cfg.train.epochs
     rounds = math.ceil(math.log(1 - sparsity) / math.log(1 - s.rate) - 1e-9) if sparsity > 0 else 0
     late = isinstance(s, LotterySettings) and s.rewind != "0"
-    return Plan((rounds + 1) * cfg.train.epochs, pretrained=not late)
+    match = REWIND.match(s.rewind) if late else None
+    skipped = int(match.group(2)) if match is not None and match.group(3) == "ep" else 0
+    return Plan(epochs + rounds * (epochs - skipped), pretrained=not late)
 
 
 @register_method("lottery", LotterySettings,
@@ -151,12 +157,15 @@ def lottery(ctx: Context, s: LotterySettings) -> None:
     if s.rewind == "0":
         ctx.save_point("rewind")
         ctx.load_pretrained()  # the stored dense run starts from the same initialisation (same seed)
+        step = 0
     else:
         step = _rewind_step(s.rewind, ctx.trainer.steps_per_epoch, ctx.trainer.steps_per_epoch * ctx.cfg.train.epochs)
         ctx.train_cycle("round 0", hook=Snapshot(step, "rewind"))
     for r in _rounds(ctx, s):
+        # Late rewinding (Frankle et al. 2020, and the lottery-ticket framework): weights AND
+        # schedule go back to step k; the round trains the remaining T - k steps.
         ctx.rewind("rewind")
-        ctx.train_cycle(f"round {r}")
+        ctx.train_cycle(f"round {r}", start_step=step)
 
 
 @register_method("lrr", LRRSettings,

@@ -67,10 +67,11 @@ class CostMeter:
         per_forward = (self._dense_step_flops - self._step_flops) / TRAIN_STEP_FORWARDS
         self.cost.train_flops += per_forward * self._last_batch
 
-    def count_epoch(self, steps: int) -> None:
-        """One finished epoch of ``steps`` optimizer steps."""
+    def count_epoch(self, steps: int, steps_per_epoch: int) -> None:
+        """One finished epoch in which ``steps`` of its ``steps_per_epoch`` steps were trained (fewer when a
+        cycle starts mid-epoch: that epoch counts as the fraction trained)."""
         self.cost.steps += steps
-        self.cost.epochs += 1
+        self.cost.epochs += 1.0 if steps == steps_per_epoch else steps / steps_per_epoch
 
     def count_wall(self, seconds: float) -> None:
         """Wall time spent in a cycle's epochs."""

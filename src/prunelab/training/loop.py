@@ -76,6 +76,7 @@ class _Cycle:
     epochs: int
     optim: OptimSettings
     hook: StepHook[Trainer] | None
+    start_step: int = 0
 
 
 class Trainer:
@@ -180,8 +181,12 @@ class Trainer:
         optim: OptimSettings | None = None,
         patience: int = 0,
         min_delta: float = 0.0,
+        start_step: int = 0,
     ) -> CycleResult:
         """Train ``epochs`` epochs with a fresh optimizer and a full run of the LR schedule.
+
+        ``start_step`` > 0: the cycle starts at that step (late rewinding), with the
+        learning rate and the data order the schedule has there, and trains the rest.
 
         ``select_kept``: only epochs whose masks keep exactly this many weights
         compete for the validation-selected state (None: every epoch).
@@ -190,14 +195,15 @@ class Trainer:
         more than ``min_delta`` for ``patience`` epochs, and continue from the
         best validation epoch's weights (``epochs`` is then the maximum).
         """
-        cycle = _Cycle(name, self.cycle_index, epochs, optim or self.settings.optim, hook)
+        cycle = _Cycle(name, self.cycle_index, epochs, optim or self.settings.optim, hook, start_step)
         self.cycle_index += 1
         self.optimizer = build_optimizer(self.model.parameters(), cycle.optim)
         result = CycleResult()
         if self.replay.skips(cycle.index):
             return result  # finished before the interruption; a later checkpoint restores the state
         checkpoint = self.replay.take(cycle.index)
-        start_epoch = self._restore(checkpoint, hook, result) if checkpoint is not None else 0
+        start_epoch = (self._restore(checkpoint, hook, result) if checkpoint is not None
+                       else start_step // self.steps_per_epoch)
         started = time.perf_counter()
         for epoch in range(start_epoch, epochs):
             if patience_exhausted(result, epoch, patience):
@@ -222,7 +228,10 @@ class Trainer:
         # Each step's loss stays on the device (no sync per step); checked for divergence once per epoch.
         tally = EpochTally(steps_per_epoch, self.data.train_x.device)
         bar = self._batches(cycle, epoch)
+        skip = max(0, cycle.start_step - epoch * steps_per_epoch)  # a cycle that starts mid-epoch
         for i, batch in enumerate(bar):
+            if i < skip:
+                continue
             fault_point("step")
             step = epoch * steps_per_epoch + i
             hook = cycle.hook
@@ -242,7 +251,7 @@ class Trainer:
             # BatchNorm statistics as rank 0's on every rank, so that validation,
             # checkpoints and the next masks are the same everywhere.
             self.world.sync_buffers(self.model)
-        self.meter.count_epoch(steps_per_epoch)
+        self.meter.count_epoch(steps_per_epoch - skip, steps_per_epoch)
         val_loss, val_acc = self.evaluate(self.data.val_x, self.data.val_y)
         check_validation(val_loss, epoch, steps_per_epoch)
         masks = self.masker.masks
