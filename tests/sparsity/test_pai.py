@@ -267,3 +267,27 @@ def test_exact_counts(function: str, allocation: str, density: float) -> None:
     )
     assert count_kept(masks) == round(density * count_total(masks))
     _assert_untouched(net, snapshot)
+
+
+def test_grasp_reinit_scores_a_xavier_redrawn_copy_and_masks_the_real_weights() -> None:
+    from prunelab.sparsity import pai
+    from prunelab.sparsity.criteria import CRITERIA, Probe, Target
+    from prunelab.sparsity.mask import prunable_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = prunable_parameters(model)
+    x, y = torch.randn(9, 12, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 3)
+    grasp = CRITERIA.get("grasp")
+    probe = Probe(model, params, ((x, y),), generator=torch.Generator().manual_seed(5))
+    masks = grasp.masks(probe, Target(0.25), {**grasp.settings(), "reinit": True})
+    copy_, copy_params = pai.xavier_redrawn(model, params, torch.Generator().manual_seed(5))
+    assert all(not torch.equal(copy_params[n], params[n]) for n in params)  # every Linear weight redrawn
+    expected = pai.grasp_masks(copy_, copy_params, x, y, 0.25)
+    assert all(torch.equal(masks[n], expected[n]) for n in params)
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.25 * 120)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # scoring touched nothing
+    plain = grasp.masks(Probe(model, params, ((x, y),)), Target(0.25), grasp.settings())
+    assert grasp.settings()["reinit"] is False
+    assert any(not torch.equal(plain[n], masks[n]) for n in params)

@@ -18,7 +18,7 @@ from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 from prunelab.sparsity import criteria
 from prunelab.sparsity.allocate import global_masks
-from prunelab.sparsity.knobs import ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE
+from prunelab.sparsity.knobs import ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE
 from prunelab.sparsity.scores import magnitude
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class CyclicSettings:
     cycles: int = field(default=4, metadata={"help": "cycles of the LR schedule with the fixed mask (C)"})
     temperature: float = TEMPERATURE.field("grasp")
     samples_per_class: int = SAMPLES_PER_CLASS.field("grasp")
+    reinit: bool = REINIT.field("grasp")
     iterations: int = ITERATIONS.field("synflow")
 
     def __post_init__(self) -> None:

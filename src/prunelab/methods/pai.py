@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from prunelab.methods.base import NoSettings, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
-from prunelab.sparsity.knobs import ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE
+from prunelab.sparsity.knobs import ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE
 
 if TYPE_CHECKING:
     from prunelab.config.schema import RunConfig
@@ -31,6 +31,7 @@ class GraspSettings:
 
     temperature: float = TEMPERATURE.field()
     samples_per_class: int = SAMPLES_PER_CLASS.field()
+    reinit: bool = REINIT.field()
 
     def __post_init__(self) -> None:
         check_counts(self, 1, "samples_per_class")

@@ -38,7 +38,7 @@ def _batch(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
 def _balanced(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
     data = ctx.trainer.data
     sample = pai.balanced_sample(data.train_x, data.train_y, knobs["samples_per_class"], ctx.generator(name))
-    return Probe(ctx.trainer.model, ctx.trainer.masker.params, (sample,))
+    return Probe(ctx.trainer.model, ctx.trainer.masker.params, (sample,), generator=ctx.generator(f"{name}-reinit"))
 
 
 def _shape(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:

@@ -27,7 +27,7 @@ from torch import nn
 from prunelab.registry import Registry
 from prunelab.sparsity import pai, scores
 from prunelab.sparsity.allocate import allocate
-from prunelab.sparsity.knobs import BATCHES, ITERATIONS, SAMPLES_PER_CLASS, TEMPERATURE, Knob
+from prunelab.sparsity.knobs import BATCHES, ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE, Knob
 from prunelab.sparsity.mask import Masks
 from prunelab.sparsity.scores import Batch
 
@@ -127,10 +127,13 @@ def _snip(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
 
 
 @_register("grasp", "GraSP: remove the highest -w * Hg (Wang et al. 2020)", "balanced", TEMPERATURE,
-           SAMPLES_PER_CLASS, at_init=True)
+           SAMPLES_PER_CLASS, REINIT, at_init=True)
 def _grasp(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     x, y = _sample(probe)
-    return pai.grasp_masks(probe.model, probe.params, x, y, target.density, target.allocation,
+    model, params = probe.model, probe.params
+    if knobs.get("reinit", REINIT.default):
+        model, params = pai.xavier_redrawn(model, params, probe.generator)
+    return pai.grasp_masks(model, params, x, y, target.density, target.allocation,
                            knobs.get("temperature", TEMPERATURE.default), target.current)
 
 

@@ -30,3 +30,5 @@ BATCHES = Knob("batches", 8, "training batches the score is averaged over")
 TEMPERATURE = Knob("temperature", 200.0, "softmax temperature on the logits (GraSP: 200)")
 SAMPLES_PER_CLASS = Knob("samples_per_class", 10, "training images per class (GraSP: 10)")
 ITERATIONS = Knob("iterations", 100, "pruning iterations, density d^(k/n) (SynFlow: 100)")
+REINIT = Knob("reinit", False, "score on a copy whose Linear weights are redrawn (Xavier normal), "
+              "as GraSP's code does; the mask applies to the real weights")

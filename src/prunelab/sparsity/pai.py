@@ -108,6 +108,25 @@ def grasp_masks(
     return allocate({name: -s for name, s in scores.items()}, density, allocation, current)
 
 
+def xavier_redrawn(model: nn.Module, params: Mapping[str, nn.Parameter], generator: torch.Generator | None
+                   ) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """A copy of ``model`` whose Linear weights are redrawn from Xavier normal, and its ``params`` by name.
+
+    GraSP's code scores such a copy by default (``reinit=True``): on networks
+    initialised with small Linear weights the scores of the real weights
+    pick masks that train badly. The copy's draw comes from ``generator``.
+    """
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in clone.modules():
+            if isinstance(module, nn.Linear):
+                drawn = torch.empty(module.weight.shape, dtype=module.weight.dtype)
+                nn.init.xavier_normal_(drawn, generator=generator)
+                module.weight.copy_(drawn)
+    named = dict(clone.named_parameters())
+    return clone, {name: named[name] for name in params}
+
+
 def random_scores(
     params: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
 ) -> Scores:
