@@ -131,6 +131,7 @@ class Masker:
         self.masks: Masks = full_masks(self.params)
         self._params_list = list(self.params.values())
         self._factors: list[torch.Tensor] = []
+        self._sparse: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.dense = True
         if masks is not None:
             self.set_masks(masks)
@@ -143,6 +144,8 @@ class Masker:
         self.dense = all(bool(m.all()) for m in self.masks.values())
         # Float factors so the per-step work is a plain multiply; skipped while dense.
         self._factors = [self.masks[n].to(p.dtype) for n, p in self.params.items()]
+        # The per-step work touches only the tensors that have pruned weights.
+        self._sparse = [(p, f) for (n, p), f in zip(self.params.items(), self._factors) if not bool(self.masks[n].all())]
         self.apply_to_weights()
         if optimizer is not None:
             self.zero_optimizer_state(optimizer)
@@ -150,18 +153,17 @@ class Masker:
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         """Multiply every masked weight by its mask (pruned weights become exactly +0.0)."""
-        if not self.dense:
-            torch._foreach_mul_(self._params_list, self._factors)
+        if self._sparse:
+            params = [p for p, _ in self._sparse]
+            torch._foreach_mul_(params, [f for _, f in self._sparse])
             # A negative weight times 0 is -0.0; adding +0.0 turns it into +0.0 (and changes
             # nothing else), so a stored zero is one bit pattern and sparse exports stay small.
-            torch._foreach_add_(self._params_list, 0.0)
+            torch._foreach_add_(params, 0.0)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         """Zero the gradients of pruned weights (call before ``optimizer.step()``)."""
-        if self.dense:
-            return
-        pairs = [(p.grad, f) for p, f in zip(self._params_list, self._factors) if p.grad is not None]
+        pairs = [(p.grad, f) for p, f in self._sparse if p.grad is not None]
         if pairs:
             grads, factors = zip(*pairs)
             torch._foreach_mul_(list(grads), list(factors))
