@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import statistics
+from functools import cached_property
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,9 +146,9 @@ class Row:
     target: float
     runs: tuple[RunRecord, ...]
 
-    @property
+    @cached_property
     def summaries(self) -> list[RunSummary]:
-        """The runs' summaries (by seed)."""
+        """The runs' summaries (by seed), parsed once for all the columns read from them."""
         return [RunSummary.from_dict(r.summary) for r in self.runs if r.summary is not None]
 
     @property

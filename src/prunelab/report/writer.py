@@ -242,7 +242,7 @@ def _who(r: RunRecord) -> str:
 
 def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict[str, list[str]]:
     """Warning lines by kind: collapse, few seeds, missed target, failed, diverged, unfinished."""
-    ok = [(r, r.result) for r in records if r.result is not None]
+    ok = [(r, result) for r in records if (result := r.result) is not None]
     found: dict[str, list[str]] = {
         "Layer collapse": [f"{_who(r)}: every weight pruned in {', '.join(s.collapsed_layers)} "
                            "(the network is disconnected)"

@@ -90,7 +90,9 @@ class MaskHistory:
         """A training step runs under the current masks."""
         self._trained = True
 
-    pretrained = stepped
+    def pretrained(self) -> None:
+        """The current (dense) masks were trained, in the stored dense run this run starts from."""
+        self._trained = True
 
     def _settle(self) -> None:
         if self._trained:
