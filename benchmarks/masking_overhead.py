@@ -9,7 +9,11 @@ test; the content does not change the time), each run in a fresh store, 1
 thread, after one untimed pair that pays the imports.
 Variants are timed in interleaved rounds (the order rotates every round) so
 machine noise hits them alike; each ratio is the median over rounds of
-(variant / dense). The load average is printed before and after.
+(variant / dense). A second, identical dense variant (and a second dense run
+in the cycle) is timed beside them: its ratio to dense, `noise_floor` and
+`cycle_noise_floor`, is 1 on a quiet machine, and how far it is from 1 says
+how much of a measured overhead the machine's noise could explain. The load
+average is printed before and after.
 
     python benchmarks/masking_overhead.py            # table
     python benchmarks/masking_overhead.py --json     # + one JSON object as the last line
@@ -93,6 +97,7 @@ def measure(name: str, rounds: int, sparsity: float, batch_size: int) -> dict[st
     base = build_model(name, shape[0], shape[1], 10)
     variants = {
         "dense": _dense(copy.deepcopy(base)),
+        "dense_again": _dense(copy.deepcopy(base)),
         "masked": _masked(copy.deepcopy(base), sparsity),
         "torch_prune": _torch_prune(copy.deepcopy(base), sparsity),
     }
@@ -105,16 +110,17 @@ def measure(name: str, rounds: int, sparsity: float, batch_size: int) -> dict[st
     times: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants)
     for r in range(rounds):
-        for key in order[r % 3:] + order[: r % 3]:
+        for key in order[r % len(order):] + order[: r % len(order)]:
             start = time.perf_counter()
             for i in range(steps):
                 variants[key](*batches[i % len(batches)])
             times[key].append((time.perf_counter() - start) / steps)
-    ratio = {k: statistics.median(t / d for t, d in zip(times[k], times["dense"])) for k in ("masked", "torch_prune")}
+    ratio = {k: statistics.median(t / d for t, d in zip(times[k], times["dense"])) for k in order}
     return {
         "dense_ms": statistics.median(times["dense"]) * 1e3,
         "masked_over_dense": ratio["masked"],
         "torch_prune_over_dense": ratio["torch_prune"],
+        "noise_floor": ratio["dense_again"],
     }
 
 
@@ -136,19 +142,21 @@ def measure_cycle(name: str, rounds: int, sparsity: float) -> dict[str, float]:
     dataset, epochs, n_train = CYCLES[name]
     data = _subset(dataset, n_train)
     base = {"model": name, "dataset": dataset, "epochs": epochs, "data.val_size": 500}
-    configs = {"dense": build_config({**base, "method": "dense"}),
+    dense = build_config({**base, "method": "dense"})
+    configs = {"dense": dense, "dense_again": dense,
                "progressive": build_config({**base, "method": "progressive", "sparsity": sparsity})}
     times: dict[str, list[float]] = {k: [] for k in configs}
     order = list(configs)
     for r in range(-1, rounds):  # round -1: untimed, pays the first run's imports and allocations
-        for key in order[r % 2:] + order[: r % 2]:
+        for key in order[r % len(order):] + order[: r % len(order)]:
             with tempfile.TemporaryDirectory() as store:
                 start = time.perf_counter()
                 run(configs[key], Runtime(store=Path(store), progress=False, download=False), data)
                 if r >= 0:
                     times[key].append(time.perf_counter() - start)
-    return {"dense_cycle_s": statistics.median(times["dense"]),
-            "cycle_over_dense": statistics.median(p / d for p, d in zip(times["progressive"], times["dense"]))}
+    ratio = {k: statistics.median(t / d for t, d in zip(times[k], times["dense"])) for k in order}
+    return {"dense_cycle_s": statistics.median(times["dense"]), "cycle_over_dense": ratio["progressive"],
+            "cycle_noise_floor": ratio["dense_again"]}
 
 
 def main() -> None:
@@ -165,17 +173,20 @@ def main() -> None:
     torch.set_num_threads(args.threads or 1)
     load_before = os.getloadavg()[0]
     results: dict[str, dict[str, float]] = {}
-    print(f"{'model':<10} {'dense ms/step':>14} {'masked/dense':>13} {'torch.prune/dense':>18} "
-          f"{'dense cycle s':>14} {'cycle/dense':>12}")
+    print(f"{'model':<10} {'dense ms/step':>14} {'masked/dense':>13} {'torch.prune/dense':>18} {'noise':>6} "
+          f"{'dense cycle s':>14} {'cycle/dense':>12} {'noise':>6}")
     for name in args.models:
         r = measure(name, args.rounds, args.sparsity, args.batch_size)
         c = measure_cycle(name, args.cycle_rounds, args.sparsity)
         torch.set_num_threads(args.threads or 1)  # a run sets train.threads; the next steps use ours again
         results[name] = {"masked_over_dense": round(r["masked_over_dense"], 4),
                          "torch_prune_over_dense": round(r["torch_prune_over_dense"], 4),
-                         "cycle_over_dense": round(c["cycle_over_dense"], 4)}
+                         "noise_floor": round(r["noise_floor"], 4),
+                         "cycle_over_dense": round(c["cycle_over_dense"], 4),
+                         "cycle_noise_floor": round(c["cycle_noise_floor"], 4)}
         print(f"{name:<10} {r['dense_ms']:>14.3f} {r['masked_over_dense']:>13.3f} {r['torch_prune_over_dense']:>18.3f} "
-              f"{c['dense_cycle_s']:>14.2f} {c['cycle_over_dense']:>12.3f}", flush=True)
+              f"{r['noise_floor']:>6.3f} {c['dense_cycle_s']:>14.2f} {c['cycle_over_dense']:>12.3f} "
+              f"{c['cycle_noise_floor']:>6.3f}", flush=True)
     load = {"load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
     print(f"load average (1 min): {load['load_before']} before, {load['load_after']} after")
     if args.json:
