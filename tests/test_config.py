@@ -77,6 +77,11 @@ def test_yaml_then_set_then_flags(tmp_path: Path) -> None:
         ({"method": "dense", "method.power": 3}, "unknown config key 'method.power'"),
         ({"train.precision": "bf61"}, "unknown precision 'bf61' (did you mean 'bf16'?); choose one of: fp32, bf16"),
         ({"train.channels_last": "yes"}, "train.channels_last must be true or false"),
+        ({"prune.structure": "2-4"}, "prune.structure must be 'unstructured' or N:M such as '2:4', got '2-4'"),
+        ({"prune.structure": "2:4", "sparsity": 0.9}, "its sparsity is 0.5, not 0.9; leave prune.sparsity unset"),
+        ({"prune.structure": "2:4", "method": "rigl"}, "rigl moves single connections anywhere in a layer"),
+        ({"prune.structure": "2:4", "method": "lottery", "method.layer_rates": ["fc1=0.1"]},
+         "method.layer_rates sets each layer's density itself"),
     ],
 )
 def test_bad_values_are_one_sentence(raw: dict, fragment: str) -> None:
@@ -84,6 +89,14 @@ def test_bad_values_are_one_sentence(raw: dict, fragment: str) -> None:
         build_config(raw)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_nm_structure_fixes_the_sparsity_and_enters_the_id() -> None:
+    cfg = build_config({"prune.structure": "1:4"})
+    assert cfg.prune.sparsity == 0.75 and cfg.prune.structure == "1:4"
+    assert build_config({"prune.structure": "1:4", "sparsity": 0.75}) == cfg
+    assert run_id(cfg) != run_id(build_config({"sparsity": 0.75}))
+    assert run_id(build_config({"prune.structure": "unstructured"})) == GOLDEN[0][1]
 
 
 def test_parse_set_values_are_yaml() -> None:

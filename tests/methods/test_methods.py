@@ -16,6 +16,7 @@ from prunelab.config.build import build_config
 from prunelab.runs.experiment import Runtime, run
 from prunelab.methods import METHODS
 from prunelab.runs.store import Store
+from prunelab.sparsity.structure import NM, nm_violations
 from prunelab.training.loop import Trainer
 from conftest import interrupted_then_resumed
 
@@ -234,6 +235,21 @@ def test_every_allocation_is_exact(method: str, allocation: str, tiny_data_dir: 
     assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * TOTAL)
     if allocation == "layerwise":
         assert all(abs(float(m.float().mean()) - 0.2) < 1e-3 for m in masks.values())
+
+
+DYNAMIC = ("set", "rigl", "granet")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if m != "dense" and m not in DYNAMIC])
+def test_nm_structure_holds_exactly_in_the_stored_weights(method: str, tiny_data_dir: Path, tmp_path: Path) -> None:
+    cfg = build_config({**TINY, "method": method, "prune.structure": "2:4"})
+    summary, _ = run(cfg, _runtime(tmp_path, tiny_data_dir))
+    masks = torch.load(tmp_path / summary["run_id"] / "mask.pt", weights_only=True)
+    weights = torch.load(tmp_path / summary["run_id"] / "weights.pt", weights_only=True)
+    for name, m in masks.items():  # exactly 2 kept in every group of 4 consecutive inputs
+        assert torch.equal(m.reshape(-1, 4).sum(1), torch.full((m.numel() // 4,), 2)), name
+    assert nm_violations({n: weights[n] for n in masks}, NM(2, 4)) == {}
+    assert summary["target_sparsity"] == 0.5 and summary["sparsity"] == pytest.approx(0.5, abs=1e-5)
 
 
 def test_layer_collapse_is_reported(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from prunelab.config.schema import (
 )
 from prunelab.errors import UserError
 from prunelab.methods import METHODS
+from prunelab.sparsity.structure import parse_structure
 
 
 def method_config(name: str, settings: Any = None) -> MethodConfig:
@@ -161,6 +162,9 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
         close = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(key, list(ALIASES), n=1)
         hint = f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
         raise UserError(f"unknown config key {key!r}{hint} for method {method_name!r}")
+    structure = raw.get("prune.structure")
+    if isinstance(structure, str) and "prune.sparsity" not in raw and (nm := parse_structure(structure)):
+        raw["prune.sparsity"] = 1 - nm.density  # N:M fixes the sparsity: the default 0.9 does not apply
     sections = {
         "data": _build(DataConfig, raw, "data."),
         "model": _build(ModelConfig, raw, "model."),

@@ -17,6 +17,7 @@ from prunelab.data import DATASETS, Augment
 from prunelab.errors import UserError
 from prunelab.models import MODELS
 from prunelab.sparsity.allocate import ALLOCATIONS
+from prunelab.sparsity.structure import UNSTRUCTURED, check_sparsity, parse_structure
 from prunelab.training.loop import PRECISIONS
 from prunelab.training.optim import LR_SCHEDULES, OPTIMIZERS, OptimSettings
 
@@ -147,6 +148,11 @@ class PruneConfig:
     exclude: tuple[str, ...] = field(
         default=(), metadata={"help": "fnmatch patterns of layers kept dense, e.g. 'fc3*'"}
     )
+    structure: str = field(
+        default=UNSTRUCTURED,
+        metadata={"help": "'unstructured', or N:M such as '2:4' (at most N of every M input weights; "
+                          "the sparsity is then 1 - N/M)"},
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -154,6 +160,7 @@ class PruneConfig:
             f"sparsity must be in [0, 1) (a fraction of weights removed), got {self.sparsity}",
         )
         _choice("allocation", self.allocation, ALLOCATIONS)
+        check_sparsity(parse_structure(self.structure), self.sparsity, "leave prune.sparsity unset")
 
 
 @dataclass(frozen=True)

@@ -146,9 +146,10 @@ class Context:
         return data.train_x[index], data.train_y[index]
 
     def allocate(self, scores: Mapping[str, torch.Tensor], density: float, monotone: bool = True) -> Masks:
-        """Masks keeping ``density`` of the weights by ``scores`` (higher = keep) with the config's allocation."""
+        """Masks keeping ``density`` of the weights by ``scores`` (higher = keep) with the config's
+        allocation and structure."""
         current = self.trainer.masker.masks if monotone else None
-        return allocate(scores, density, self.cfg.prune.allocation, current)
+        return allocate(scores, density, self.cfg.prune.allocation, current, self.cfg.prune.structure)
 
     @skipped_while_replaying
     def set_masks(self, masks: Masks) -> None:

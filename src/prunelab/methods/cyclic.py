@@ -17,7 +17,7 @@ from prunelab.methods.base import Plan, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 from prunelab.sparsity import criteria
-from prunelab.sparsity.allocate import global_masks
+from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE
 from prunelab.sparsity.scores import magnitude
 
@@ -86,5 +86,6 @@ def sculpt(ctx: Context, s: SculptSettings) -> None:
         ctx.train_cycle(f"cycle {c}/{s.cycles}")
     # One GLOBAL magnitude prune, whatever allocation gave the initial mask.
     m = ctx.trainer.masker
-    ctx.update_masks(lambda: global_masks(magnitude(m.params), ctx.target_density, m.masks))
+    ctx.update_masks(lambda: allocate(magnitude(m.params), ctx.target_density, "global", m.masks,
+                                      ctx.cfg.prune.structure))
     ctx.train_cycle("final cycle")

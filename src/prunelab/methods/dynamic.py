@@ -29,6 +29,7 @@ from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.dynamic import cosine_fraction, drop_and_grow
 from prunelab.sparsity.pruner import MagnitudeRamp
 from prunelab.sparsity.schedules import PolynomialSchedule
+from prunelab.sparsity.structure import UNSTRUCTURED
 from prunelab.training.loop import StepHook, Trainer
 from prunelab.training.seeds import derive_seed
 
@@ -82,8 +83,16 @@ class SetHook(StepHook[Trainer]):
         trainer.set_masks(masks)
 
 
+def _unstructured(cfg: RunConfig) -> None:
+    """Dynamic sparse training regrows weights anywhere in a layer: no N:M (or other) structure."""
+    if cfg.prune.structure != UNSTRUCTURED:
+        raise UserError(f"{cfg.method.name} moves single connections anywhere in a layer, so it cannot keep "
+                        f"prune.structure={cfg.prune.structure}; use progressive, oneshot or iterative")
+
+
 def _check_set(cfg: RunConfig) -> RunConfig:
     s: SetSettings = cfg.method.settings
+    _unstructured(cfg)
     if not 0 < s.drop < 1 or s.update_every < 0:
         raise UserError(f"set needs 0 < method.drop < 1 and method.update_every >= 0, got {s.drop} and {s.update_every}")
     return erk_unless_layerwise(cfg)
@@ -133,6 +142,7 @@ class RiglHook(StepHook[Trainer]):
 
 def _check_rigl(cfg: RunConfig) -> RunConfig:
     s: RiglSettings = cfg.method.settings
+    _unstructured(cfg)
     if not 0 < s.drop < 1 or s.delta < 1 or not 0 < s.end <= 1:
         raise UserError("rigl needs 0 < method.drop < 1, method.delta >= 1 and 0 < method.end <= 1, "
                         f"got {s.drop}, {s.delta} and {s.end}")
@@ -199,6 +209,7 @@ class GranetHook(StepHook[Trainer]):
 
 def _check_granet(cfg: RunConfig) -> RunConfig:
     s: GranetSettings = cfg.method.settings
+    _unstructured(cfg)
     epochs, end = cfg.train.epochs, ramp_end(s, cfg.train.epochs)  # type: ignore[arg-type]
     if not 0 <= s.start_epoch < end <= epochs:
         raise UserError(f"granet needs 0 <= method.start_epoch < method.end_epoch <= train.epochs, "

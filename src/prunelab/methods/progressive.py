@@ -101,4 +101,5 @@ def run(ctx: Context, s: ProgressiveSettings) -> None:
         every=every,
         power=s.power,
     )
-    ctx.train_cycle("train", hook=ProgressiveHook(MagnitudeRamp(schedule, ctx.cfg.prune.allocation, s.monotone)))
+    ramp = MagnitudeRamp(schedule, ctx.cfg.prune.allocation, s.monotone, ctx.cfg.prune.structure)
+    ctx.train_cycle("train", hook=ProgressiveHook(ramp))

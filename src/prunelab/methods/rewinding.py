@@ -25,10 +25,11 @@ from prunelab.methods.context import Context
 from prunelab.sparsity.allocate import allocate, layerwise_masks
 from prunelab.sparsity.mask import Masks, count_kept
 from prunelab.sparsity.scores import magnitude
+from prunelab.sparsity.structure import UNSTRUCTURED
 from prunelab.training.loop import StepHook, Trainer
 
 if TYPE_CHECKING:
-    from prunelab.config.schema import RunConfig
+    from prunelab.config.schema import PruneConfig, RunConfig
 
 REWIND = re.compile(r"^(0|(\d+)(ep|it))$")
 
@@ -72,21 +73,24 @@ def _check(cfg: RunConfig) -> RunConfig:
         raise UserError(f"method.layer_rates must be 'pattern=rate' items, got {list(s.layer_rates)}") from None
     if not all(0 < r < 1 for r in rates):
         raise UserError(f"pruning rates must be in (0, 1), got {rates}")
+    if s.layer_rates and cfg.prune.structure != UNSTRUCTURED:
+        raise UserError(f"method.layer_rates sets each layer's density itself, which prune.structure="
+                        f"{cfg.prune.structure} does not allow; use one rate")
     if isinstance(s, LotterySettings) and not REWIND.match(s.rewind):
         raise UserError(f"method.rewind must be 0, '<N>ep' or '<N>it', got {s.rewind!r}")
     return cfg
 
 
 def next_masks(
-    params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, allocation: str, target_kept: int
+    params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, prune: PruneConfig, target_kept: int
 ) -> Masks:
     """Masks of the next round: prune ``rate`` of the remaining weights (per layer with
-    ``layer_rates``, else by ``allocation``) by magnitude, never past the target."""
+    ``layer_rates``, else by ``prune.allocation`` and ``prune.structure``) by magnitude, never past the target."""
     total = sum(m.numel() for m in masks.values())
     rates = layer_rates(s)
     if not rates:
         density = max(target_kept / total, count_kept(masks) / total * (1 - s.rate))
-        return allocate(magnitude(params), density, allocation, masks)
+        return allocate(magnitude(params), density, prune.allocation, masks, prune.structure)
     densities = {}
     for name, m in masks.items():
         rate = next((r for p, r in rates if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*")), s.rate)
@@ -97,12 +101,12 @@ def next_masks(
     return layerwise_masks(magnitude(params), densities, masks)
 
 
-def prune_rounds(params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, allocation: str,
+def prune_rounds(params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSettings, prune: PruneConfig,
                  target_kept: int) -> int:
     """Rounds to the target (ceil(log(1 - s) / log(1 - rate)) for one global rate), by dry run."""
     rounds = 0
     while count_kept(masks) > target_kept:
-        masks = next_masks(params, masks, s, allocation, target_kept)
+        masks = next_masks(params, masks, s, prune, target_kept)
         rounds += 1
     return rounds
 
@@ -110,7 +114,7 @@ def prune_rounds(params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSetting
 def _rounds(ctx: Context, s: LRRSettings) -> Iterator[int]:
     """Yields 1..R after pruning round r (pruning skipped while a resumed run replays)."""
     m = ctx.trainer.masker
-    args = (s, ctx.cfg.prune.allocation, ctx.target_kept)
+    args = (s, ctx.cfg.prune, ctx.target_kept)
     for r in range(1, prune_rounds(m.params, m.masks, *args) + 1):
         ctx.update_masks(lambda: next_masks(m.params, m.masks, *args))
         yield r

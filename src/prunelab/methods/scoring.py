@@ -58,7 +58,8 @@ def masks_by(ctx: Context, name: str, density: float, settings: object = None) -
     criterion = CRITERIA.get(name)
     knobs = criterion.settings(settings)
     probe = _PROBES[criterion.needs](ctx, name, knobs)
-    return criterion.masks(probe, Target(density, ctx.cfg.prune.allocation, ctx.trainer.masker.masks), knobs)
+    prune = ctx.cfg.prune
+    return criterion.masks(probe, Target(density, prune.allocation, ctx.trainer.masker.masks, prune.structure), knobs)
 
 
 def prune_by(ctx: Context, name: str, density: float, settings: object = None) -> None:

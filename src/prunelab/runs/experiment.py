@@ -27,6 +27,7 @@ from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
+from prunelab.sparsity.structure import check_groupable, check_nm, parse_structure
 from prunelab.runs.summary import DivergedSummary, RunSummary
 from prunelab.runs.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
 from prunelab.training import distributed
@@ -235,6 +236,8 @@ def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits
     params = prunable_parameters(model, cfg.prune.exclude)
     if not params:
         raise UserError(f"every prunable layer of {cfg.model.name} is excluded by prune.exclude; nothing to prune")
+    if (nm := parse_structure(cfg.prune.structure)) is not None:
+        check_groupable({n: p.shape for n, p in params.items()}, nm)
     trainer = Trainer(
         model=model,
         data=data,
@@ -298,6 +301,8 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
     """Evaluate on test (final weights and validation-selected weights), store files, build the summary (rank 0)."""
     trainer = ctx.trainer
     model, masker, data = trainer.model, trainer.masker, trainer.data
+    if (nm := parse_structure(ctx.cfg.prune.structure)) is not None:
+        check_nm(masker.params, nm)  # never store weights that break the structure the run promises
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights_sha256 = folder.write_torch(WEIGHTS, state)
     mask_sha256 = folder.write_torch(MASK, {k: v.cpu() for k, v in masker.masks.items()})

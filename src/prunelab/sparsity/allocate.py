@@ -18,6 +18,7 @@ import torch
 
 from prunelab.registry import Registry
 from prunelab.sparsity.mask import Masks
+from prunelab.sparsity.structure import NM, UNSTRUCTURED, nm_top, parse_structure
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -184,7 +185,39 @@ ALLOCATIONS = tuple(ALLOCATORS.names())
 
 
 def allocate(
-    scores: Mapping[str, torch.Tensor], density: float, scheme: str, current: Masks | None = None
+    scores: Mapping[str, torch.Tensor],
+    density: float,
+    scheme: str,
+    current: Masks | None = None,
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
-    """Masks keeping ``density`` of the weights, allocated by ``scheme`` (one of ALLOCATIONS)."""
-    return ALLOCATORS.get(scheme)(scores, density, current)
+    """Masks keeping ``density`` of the weights, allocated by ``scheme`` (one of ALLOCATIONS).
+
+    ``structure`` ``"N:M"``: see :func:`nm_masks`.
+    """
+    allocator = ALLOCATORS.get(scheme)
+    nm = parse_structure(structure)
+    return allocator(scores, density, current) if nm is None else nm_masks(allocator, scores, density, current, nm)
+
+
+def nm_masks(
+    allocator: Allocator, scores: Mapping[str, torch.Tensor], density: float, current: Masks | None, nm: NM
+) -> Masks:
+    """Masks at ``density`` (at least N/M) whose every group of M input weights keeps its top N.
+
+    At ``density == N/M`` these are the N:M masks, whatever the allocation.
+    Above it (the intermediate steps of a ramp or an iterative schedule), the
+    top N of every group are kept first and ``allocator`` adds the other
+    weights, so each later, sparser mask can still be N:M. With ``current``
+    masks, the top N are taken among the weights still active.
+    """
+    competing = _competing(scores, current)
+    top = {n: nm_top(s, nm) if current is None else nm_top(s, nm) & current[n] for n, s in competing.items()}
+    total = sum(s.numel() for s in competing.values())
+    k, floor = round(density * total), total * nm.n // nm.m
+    if k < floor:
+        raise ValueError(f"density {density} is below the {nm.density} that structure {nm} keeps")
+    if k == floor:
+        return {n: t.to(scores[n].device) for n, t in top.items()}
+    boosted = {n: torch.where(top[n], math.inf, s) for n, s in competing.items()}
+    return allocator(boosted, density, current)

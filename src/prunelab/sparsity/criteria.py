@@ -30,6 +30,7 @@ from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import BATCHES, ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE, Knob
 from prunelab.sparsity.mask import Masks
 from prunelab.sparsity.scores import Batch
+from prunelab.sparsity.structure import UNSTRUCTURED
 
 Needs = Literal["weights", "batches", "batch", "balanced", "shape"]
 
@@ -48,11 +49,13 @@ class Probe:
 @dataclass(frozen=True)
 class Target:
     """How many weights to keep and how: ``density`` of the prunable weights, allocated
-    ``global``, ``layerwise`` or ``erk``; with ``current`` masks the result is a subset of them."""
+    ``global``, ``layerwise`` or ``erk``, in the mask ``structure`` (``unstructured`` or ``N:M``);
+    with ``current`` masks the result is a subset of them."""
 
     density: float
     allocation: str = "global"
     current: Masks | None = None
+    structure: str = UNSTRUCTURED
 
 
 MaskFn = Callable[[Probe, Target, Mapping[str, Any]], Masks]
@@ -89,7 +92,7 @@ def _register(name: str, summary: str, needs: Needs, *knobs: Knob, trained: bool
 
 
 def _ranked(probe_scores: scores.Scores, target: Target) -> Masks:
-    return allocate(probe_scores, target.density, target.allocation, target.current)
+    return allocate(probe_scores, target.density, target.allocation, target.current, target.structure)
 
 
 def _sample(probe: Probe) -> Batch:
@@ -134,14 +137,15 @@ def _grasp(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     if knobs.get("reinit", REINIT.default):
         model, params = pai.xavier_redrawn(model, params, probe.generator)
     return pai.grasp_masks(model, params, x, y, target.density, target.allocation,
-                           knobs.get("temperature", TEMPERATURE.default), target.current)
+                           knobs.get("temperature", TEMPERATURE.default), target.current, target.structure)
 
 
 @_register("synflow", "SynFlow: data-free, iterative |w * dR/dw| (Tanaka et al. 2020)", "shape", ITERATIONS,
            at_init=True)
 def _synflow(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     return pai.synflow_masks(probe.model, probe.params, target.density, target.allocation, probe.input_shape,
-                             knobs.get("iterations", ITERATIONS.default), current=target.current)
+                             knobs.get("iterations", ITERATIONS.default), current=target.current,
+                             structure=target.structure)
 
 
 def names(trained: bool = False, at_init: bool = False) -> list[str]:

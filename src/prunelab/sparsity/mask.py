@@ -131,7 +131,9 @@ class Masker:
         self.masks: Masks = full_masks(self.params)
         self._params_list = list(self.params.values())
         self._factors: list[torch.Tensor] = []
-        self._sparse: list[tuple[nn.Parameter, torch.Tensor]] = []
+        # The tensors that have pruned weights, and their factors: the only ones the per-step work touches.
+        self._sparse_params: list[nn.Parameter] = []
+        self._sparse_factors: list[torch.Tensor] = []
         self.dense = True
         if masks is not None:
             self.set_masks(masks)
@@ -144,8 +146,9 @@ class Masker:
         self.dense = all(bool(m.all()) for m in self.masks.values())
         # Float factors so the per-step work is a plain multiply; skipped while dense.
         self._factors = [self.masks[n].to(p.dtype) for n, p in self.params.items()]
-        # The per-step work touches only the tensors that have pruned weights.
-        self._sparse = [(p, f) for (n, p), f in zip(self.params.items(), self._factors) if not bool(self.masks[n].all())]
+        sparse = [(p, f) for (n, p), f in zip(self.params.items(), self._factors) if not bool(self.masks[n].all())]
+        self._sparse_params = [p for p, _ in sparse]
+        self._sparse_factors = [f for _, f in sparse]
         self.apply_to_weights()
         if optimizer is not None:
             self.zero_optimizer_state(optimizer)
@@ -153,20 +156,27 @@ class Masker:
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         """Multiply every masked weight by its mask (pruned weights become exactly +0.0)."""
-        if self._sparse:
-            params = [p for p, _ in self._sparse]
-            torch._foreach_mul_(params, [f for _, f in self._sparse])
+        if self._sparse_params:
+            torch._foreach_mul_(self._sparse_params, self._sparse_factors)
             # A negative weight times 0 is -0.0; adding +0.0 turns it into +0.0 (and changes
             # nothing else), so a stored zero is one bit pattern and sparse exports stay small.
-            torch._foreach_add_(params, 0.0)
+            torch._foreach_add_(self._sparse_params, 0.0)
 
-    @torch.no_grad()
     def apply_to_grads(self) -> None:
-        """Zero the gradients of pruned weights (call before ``optimizer.step()``)."""
-        pairs = [(p.grad, f) for p, f in self._sparse if p.grad is not None]
-        if pairs:
-            grads, factors = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(factors))
+        """Zero the gradients of pruned weights (call before ``optimizer.step()``).
+
+        Every step calls this, so it does no more than the one fused multiply:
+        no ``no_grad`` wrapper (gradients are not tracked by autograd) and no
+        rebuilt lists unless a weight got no gradient this step.
+        """
+        grads = [p.grad for p in self._sparse_params]
+        if any(g is None for g in grads):
+            pairs = [(g, f) for g, f in zip(grads, self._sparse_factors) if g is not None]
+            grads, factors = [g for g, _ in pairs], [f for _, f in pairs]
+        else:
+            factors = self._sparse_factors
+        if grads:
+            torch._foreach_mul_(grads, factors)
 
     @torch.no_grad()
     def mask_grads_with(self, masks: Mapping[str, torch.Tensor]) -> None:

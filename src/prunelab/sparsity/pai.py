@@ -20,6 +20,7 @@ from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import ITERATIONS, TEMPERATURE
 from prunelab.sparsity.mask import Masks, count_kept, count_total, full_masks
 from prunelab.sparsity.scores import Scores, cross_entropy_grads
+from prunelab.sparsity.structure import UNSTRUCTURED
 
 
 def balanced_sample(
@@ -65,9 +66,10 @@ def snip_masks(
     density: float,
     allocation: str = "global",
     current: Masks | None = None,
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
     """Masks keeping the highest SNIP scores."""
-    return allocate(snip_scores(model, params, x, y), density, allocation, current)
+    return allocate(snip_scores(model, params, x, y), density, allocation, current, structure)
 
 
 def grasp_scores(
@@ -102,10 +104,11 @@ def grasp_masks(
     allocation: str = "global",
     temperature: float = TEMPERATURE.default,
     current: Masks | None = None,
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
     """Masks keeping the LOWEST GraSP scores (allocation ranks -S, higher = keep)."""
     scores = grasp_scores(model, params, x, y, temperature)
-    return allocate({name: -s for name, s in scores.items()}, density, allocation, current)
+    return allocate({name: -s for name, s in scores.items()}, density, allocation, current, structure)
 
 
 def xavier_redrawn(model: nn.Module, params: Mapping[str, nn.Parameter], generator: torch.Generator | None
@@ -142,9 +145,10 @@ def random_masks(
     allocation: str = "layerwise",
     generator: torch.Generator | None = None,
     current: Masks | None = None,
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
     """Random pruning: uniform per layer ('layerwise') or with ERK densities ('erk')."""
-    return allocate(random_scores(params, generator), density, allocation, current)
+    return allocate(random_scores(params, generator), density, allocation, current, structure)
 
 
 def _linearized_copy(model: nn.Module) -> nn.Module:
@@ -190,6 +194,7 @@ def synflow_masks(
     input_shape: Sequence[int],
     iterations: int = ITERATIONS.default,
     current: Masks | None = None,
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
     """SynFlow (Tanaka et al. 2020): data-free, iterative pruning by synaptic flow.
 
@@ -218,5 +223,5 @@ def synflow_masks(
         last = k == iterations
         step_density = density if last else start * (density / start) ** (k / iterations)
         scores = _synflow_scores(clone, weights, base, masks, input_shape)
-        masks = allocate(scores, step_density, allocation, masks)
+        masks = allocate(scores, step_density, allocation, masks, structure)
     return masks

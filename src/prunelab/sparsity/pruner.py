@@ -31,6 +31,7 @@ from prunelab.sparsity.criteria import CRITERIA, Probe, Target
 from prunelab.sparsity.mask import Masker, Masks, collapsed_layers, mask_sparsity, prunable_parameters
 from prunelab.sparsity.schedules import PolynomialSchedule
 from prunelab.sparsity.scores import Batch, magnitude
+from prunelab.sparsity.structure import UNSTRUCTURED, check_groupable, check_sparsity, parse_structure
 
 
 def prune(
@@ -45,6 +46,7 @@ def prune(
     batches: Sequence[Batch] = (),
     generator: torch.Generator | None = None,
     input_shape: Sequence[int] = (),
+    structure: str = UNSTRUCTURED,
 ) -> Masks:
     """Prune ``model`` once to exactly ``sparsity`` of its prunable weights; return the masks.
 
@@ -57,16 +59,18 @@ def prune(
     (one ranking over all layers), ``layerwise`` (the same sparsity in every
     layer) or ``erk`` (Erdős-Rényi-Kernel densities). ``exclude`` holds
     fnmatch patterns of parameter or module names to leave dense; embedding
-    tables are left dense unless ``embeddings`` is true. The masks keep
+    tables are left dense unless ``embeddings`` is true. ``structure="N:M"`` keeps at most N
+    of every M consecutive input weights (``sparsity`` must then be ``1 - N/M``). The masks keep
     fine-tuning from reviving weights only with :class:`ProgressivePruner`
     (``start == end``) or your own gradient masking.
     """
     params = _prunable(model, exclude, embeddings)
-    target = Target(1.0 - _fraction(sparsity), ALLOCATORS.entry(scope).name)
+    _check_structure(params, structure, sparsity)
+    target = Target(1.0 - _fraction(sparsity), ALLOCATORS.entry(scope).name, structure=structure)
     if isinstance(criterion, str):
         masks = _by_name(criterion, Probe(model, params, tuple(batches), tuple(input_shape), generator), target)
     else:
-        masks = allocate(_given(params, criterion), target.density, target.allocation)
+        masks = allocate(_given(params, criterion), target.density, target.allocation, structure=structure)
     Masker(params).set_masks(masks, optimizer)
     _warn_collapse(masks, set())
     return masks
@@ -83,10 +87,12 @@ class MagnitudeRamp:
     magnitude it had when it was pruned, and a revived weight gets that value back.
     """
 
-    def __init__(self, schedule: PolynomialSchedule, allocation: str = "global", monotone: bool = True) -> None:
+    def __init__(self, schedule: PolynomialSchedule, allocation: str = "global", monotone: bool = True,
+                 structure: str = UNSTRUCTURED) -> None:
         self.schedule = schedule
         self.allocation = ALLOCATORS.entry(allocation).name
         self.monotone = monotone
+        self.structure = structure
         # Non-monotone only: the value each pruned weight had when it was pruned.
         self.shadow: dict[str, torch.Tensor] = {}
 
@@ -96,9 +102,9 @@ class MagnitudeRamp:
             return None
         density = 1.0 - self.schedule.sparsity_at(step)
         if self.monotone:
-            return allocate(magnitude(params), density, self.allocation, current)
+            return allocate(magnitude(params), density, self.allocation, current, self.structure)
         values = {n: torch.where(current[n], p.detach(), self.shadow.get(n, p.detach())) for n, p in params.items()}
-        masks = allocate(magnitude(values), density, self.allocation, None)
+        masks = allocate(magnitude(values), density, self.allocation, None, self.structure)
         with torch.no_grad():
             for n, p in params.items():
                 self.shadow[n] = torch.where(masks[n], torch.zeros_like(p), values[n])
@@ -126,7 +132,9 @@ class ProgressivePruner:
     interval, so the first one (at ``start == 0``: on construction) prunes a
     little and the last one, before the final interval, reaches ``sparsity``.
     Updates are monotone: only weights still active compete, so a pruned
-    weight never returns.
+    weight never returns. With ``structure="N:M"`` (``sparsity`` then ``1 - N/M``)
+    every update keeps the N largest of each group of M input weights and
+    the final masks are N:M.
 
     Between updates, a gradient hook on every prunable weight zeroes the
     pruned gradients as soon as backward has accumulated them, and each
@@ -153,6 +161,7 @@ class ProgressivePruner:
         scope: str = "global",
         exclude: Sequence[str] = (),
         embeddings: bool = False,
+        structure: str = UNSTRUCTURED,
     ) -> None:
         if steps_per_epoch < 1:
             raise UserError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
@@ -174,8 +183,10 @@ class ProgressivePruner:
             every=every if every is not None else (steps_per_epoch if last > first else 1),
             power=power,
         )
-        self.ramp = MagnitudeRamp(self.schedule, scope)
-        self.masker = Masker(_prunable(model, exclude, embeddings))
+        params = _prunable(model, exclude, embeddings)
+        _check_structure(params, structure, final)
+        self.ramp = MagnitudeRamp(self.schedule, scope, structure=structure)
+        self.masker = Masker(params)
         self.steps = 0
         self._collapsed: set[str] = set()  # layers already warned about
         self._handles = self.masker.register_grad_hooks()
@@ -216,6 +227,14 @@ class ProgressivePruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _check_structure(params: Mapping[str, nn.Parameter], structure: str, sparsity: float) -> None:
+    """The structure's own errors: a sparsity other than ``1 - N/M``, tensors without groups of M."""
+    nm = parse_structure(structure)
+    if nm is not None:
+        check_sparsity(nm, sparsity, f"pass sparsity={1 - nm.density:.4g}")
+        check_groupable({n: p.shape for n, p in params.items()}, nm, "exclude=")
 
 
 def _fraction(sparsity: float) -> float:
