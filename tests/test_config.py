@@ -91,6 +91,12 @@ def test_bad_values_are_one_sentence(raw: dict, fragment: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_yaml_reads_n_colon_m_as_text_not_a_base_60_integer() -> None:
+    # YAML 1.1 reads 2:4 as 124 (base 60); prunelab's loader, like YAML 1.2, leaves it text.
+    assert parse_set(["prune.structure=2:4", "a=1:30.5", "b=124", "c=0x10", "d=1.5"]) == {
+        "prune.structure": "2:4", "a": "1:30.5", "b": 124, "c": 16, "d": 1.5}
+
+
 def test_nm_structure_fixes_the_sparsity_and_enters_the_id() -> None:
     cfg = build_config({"prune.structure": "1:4"})
     assert cfg.prune.sparsity == 0.75 and cfg.prune.structure == "1:4"

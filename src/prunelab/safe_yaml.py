@@ -20,6 +20,7 @@ comes near a real one.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,24 @@ class LimitedLoader(yaml.SafeLoader):
                 f"nests deeper than the limit of {MAX_DEPTH} levels once its aliases are expanded"
             )
         self._sizes[id(node)] = (count, depth)
+
+
+# YAML 1.1 reads ``2:4`` as the base-60 integer 124 (and ``1:30.5`` as a float); YAML 1.2 dropped
+# that, and prunelab's values need the text (N:M structures such as ``prune.structure=2:4``). The
+# loader resolves ints and floats by PyYAML's own patterns minus their base-60 forms.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+LimitedLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+LimitedLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+LimitedLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
