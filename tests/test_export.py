@@ -18,7 +18,7 @@ from prunelab.cli import EXPORT_FORMATS, main
 from prunelab.config.build import build_config
 from prunelab.errors import UserError
 from prunelab.runs.experiment import Runtime, run
-from prunelab.deploy.export import FORMATS, export_onnx, save_dense
+from prunelab.deploy.export import FORMATS, export_onnx, run_model, save_dense
 from prunelab.models import build_model
 from prunelab.deploy.sparse_format import load_sparse, read_metadata
 from prunelab.runs.store import Store
@@ -175,3 +175,30 @@ def test_cli_unknown_format_is_an_argparse_error(tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit) as info:
         main(["export", "abc", "--format", "zip", "--out", str(tmp_path / "x")])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["dense", pytest.param("onnx", marks=needs_onnx)])
+def test_a_channel_run_exports_the_smaller_network(tmp_path: Path, capsys, fmt: str) -> None:
+    data = write_tiny_fashion_mnist(tmp_path / "data")
+    cfg = build_config({"model": "lenet5", "method": "progressive", "prune.structure": "channel", "sparsity": 0.5,
+                        "prune.allocation": "layerwise", "epochs": 2, "data.val_size": 200, "train.batch_size": 64})
+    summary, _ = run(cfg, Runtime(store=tmp_path / "store", data_dir=data, progress=False, download=False))
+    capsys.readouterr()  # the run's own lines
+    out = tmp_path / f"model.{fmt}"
+    code, stdout, err = _export(capsys, summary["run_id"], "--format", fmt, "--out", str(out),
+                                "--store", str(tmp_path / "store"), "--json")
+    assert code == 0 and err == ""
+    result = json.loads(stdout)
+    dense = sum(p.numel() for p in build_model("lenet5", 1, 28, 10).parameters())
+    assert result["parameters"] < dense / 2
+    if fmt == "dense":  # the state dict fits the model as built with the run's cuts replayed
+        model = run_model("lenet5", "fashion-mnist", summary["channel_cuts"])
+        model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+        assert sum(p.numel() for p in model.parameters()) == result["parameters"]
+    else:
+        import onnx
+
+        graph = onnx.load(str(out)).graph
+        assert sum(int(np.prod(t.dims)) for t in graph.initializer) < dense / 2
+        # Logits of order 10 after training: float32 rounding of other conv kernels, relative 1e-6.
+        assert result["max_abs_diff"] <= 1e-4

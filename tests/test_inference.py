@@ -17,6 +17,7 @@ from conftest import max_diff, prune_
 from prunelab.errors import UserError
 from prunelab.deploy.inference import SparseLinear, sparse_inference, sparsify_linears
 from prunelab.models import build_model
+from prunelab.sparsity.channels import find_groups
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
 
@@ -200,3 +201,21 @@ def test_threshold_counts_weights_as_allocation_rounds_them() -> None:
     fast = sparse_inference(model, threshold=0.9, shrink=False, min_weights=0)
     assert isinstance(fast[0], SparseLinear) and fast[0].values.numel() == 8710
     assert type(sparse_inference(model, threshold=0.9001, shrink=False, min_weights=0)[0]) is nn.Linear
+
+
+def test_dead_channels_across_residual_additions_are_removed() -> None:
+    # ResNet-20's last stage: its residual stream is written by the shortcut and by every block's conv2,
+    # so no simple chain holds it; the dependency graph does. Zero 40 of its 64 channels everywhere.
+    torch.manual_seed(0)
+    model = build_model("resnet20", 3, 32, 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    group = next(g for g in find_groups(model, x[:1]) if g.root == "stages.2.0.shortcut.0")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for m in group.members:
+            if m.side == "out":
+                for p in modules[m.module].parameters(recurse=False):
+                    p[m.index[m.channel < 40]] = 0.0
+    fast = sparse_inference(model, example_input=x)
+    assert fast.fc.in_features == 24 and fast.stages[2][0].shortcut[0].out_channels == 24
+    assert max_diff(model, fast, x) <= 1e-5 * max(1.0, float(model(x).abs().max()))

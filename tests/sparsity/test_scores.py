@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import UserError
-from prunelab.sparsity.criteria import CRITERIA, Probe, Target
+from prunelab.sparsity.channels import find_groups
+from prunelab.sparsity.criteria import CRITERIA, Probe, Target, channel_names
 from prunelab.sparsity.scores import (
     hessian,
     hessian_diagonal,
@@ -131,12 +132,14 @@ def test_hessian_is_deterministic_under_the_generator() -> None:
 
 
 def test_criteria_registry() -> None:
-    assert CRITERIA.names() == ["magnitude", "taylor", "hessian", "random", "snip", "grasp", "synflow"]
+    assert CRITERIA.names() == ["magnitude", "taylor", "hessian", "random", "snip", "grasp", "synflow", "l2",
+                                "bn_scale"]
+    assert channel_names() == ["magnitude", "taylor", "l2", "bn_scale"]
     with pytest.raises(UserError, match="did you mean 'taylor'"):
         CRITERIA.get("tailor")
 
 
-@pytest.mark.parametrize("name", CRITERIA.names())
+@pytest.mark.parametrize("name", [e.name for e in CRITERIA if e.obj.masks is not None])
 @pytest.mark.parametrize("training", [True, False])
 def test_every_criterion_leaves_the_model_untouched(name: str, training: bool) -> None:
     net = _bn_net().train(training)
@@ -160,6 +163,22 @@ def test_every_criterion_leaves_the_model_untouched(name: str, training: bool) -
     assert [m.training for m in net.modules()] == modes
     assert torch.equal(net[0].weight.grad, torch.full_like(net[0].weight, 0.5))
     assert net[4].weight.grad is None and net[0].bias.grad is None
+
+
+@pytest.mark.parametrize("name", channel_names())
+@pytest.mark.parametrize("training", [True, False])
+def test_every_channel_criterion_leaves_the_model_untouched(name: str, training: bool) -> None:
+    net = _bn_net().train(training)
+    groups = find_groups(net, torch.randn(1, 4, dtype=torch.float64))
+    net[0].weight.grad = torch.full_like(net[0].weight, 0.5)
+    state = copy.deepcopy(net.state_dict())
+    modes = [m.training for m in net.modules()]
+    batches = tuple(_batches(seed=2, n=2, size=5, features=4, classes=3))
+    found = CRITERIA.get(name).channel(Probe(net, {}, batches), groups)
+    assert [s.shape for s in found if s is not None] == [(g.channels,) for g in groups]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    assert [m.training for m in net.modules()] == modes
+    assert torch.equal(net[0].weight.grad, torch.full_like(net[0].weight, 0.5)) and net[4].weight.grad is None
 
 
 def test_scores_do_not_depend_on_train_mode() -> None:

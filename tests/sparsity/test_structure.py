@@ -30,7 +30,8 @@ def _group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     return torch.tensor(counts)
 
 
-@pytest.mark.parametrize("text, expected", [("unstructured", None), ("2:4", NM(2, 4)), ("1:16", NM(1, 16))])
+@pytest.mark.parametrize("text, expected", [("unstructured", None), ("channel", None), ("2:4", NM(2, 4)),
+                                            ("1:16", NM(1, 16))])
 def test_parse_structure(text: str, expected: NM | None) -> None:
     assert parse_structure(text) == expected
 

@@ -95,6 +95,9 @@ class TrainConfig:
     threads: int = field(
         default=1, metadata={"help": "CPU threads of the run (torch intra-op); a count other than 1 is another run"}
     )
+    bn_l1: float = field(
+        default=0.0, metadata={"help": "network slimming's L1 penalty on BatchNorm scales (1e-4 VGG, 1e-5 ResNet)"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
@@ -117,6 +120,7 @@ class TrainConfig:
             f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
         )
         _check(1 <= self.threads <= MAX_THREADS, f"train.threads must be in [1, {MAX_THREADS}], got {self.threads}")
+        _check(0 <= self.bn_l1 < 1, f"train.bn_l1 must be in [0, 1), got {self.bn_l1}")
         _choice("precision", self.precision, PRECISIONS)
         _check(
             isinstance(self.channels_last, bool),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from prunelab.models.modes import eval_mode
 from prunelab.deploy.sparse_format import plain_state_dict, save_sparse
 from prunelab.io import atomic_torch_save, atomic_write_bytes
 from prunelab.runs.store import Store
+from prunelab.sparsity.channel_cut import replay_cuts
 
 FORMATS = ("dense", "sparse", "onnx")
 ONNX_OPSET = 17
@@ -80,6 +81,17 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
     return float(np.abs(got - expected).max()) if expected.size else 0.0
 
 
+def run_model(model: str, dataset: str, channel_cuts: Sequence[Mapping[str, Sequence[int]]] | None = None
+              ) -> nn.Module:
+    """The network a run trained, before its weights are loaded: ``model`` built for ``dataset``, with the
+    run's channel cuts (``prune.structure=channel``) replayed, so that its stored weights fit."""
+    spec = DATASETS.get(dataset)
+    network = build_model(model, spec.channels, spec.image_size, spec.num_classes)
+    if channel_cuts:
+        replay_cuts(network, channel_cuts, torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+    return network
+
+
 def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force: bool = False) -> dict[str, Any]:
     """Write the weights of a finished run as ``fmt`` (dense, sparse or onnx) to ``out``.
 
@@ -103,22 +115,25 @@ def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force:
         raise UserError(f"{out} is a folder; give --out a file name")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
-    spec = DATASETS.get(record.dataset)
-    model = build_model(record.model, spec.channels, spec.image_size, spec.num_classes)
     store.verify(record)  # the summary, weights and masks are what the run stored
-    weights = store.load_weights(rid)
+    stored = record.result
+    assert stored is not None  # verify() passed: the run is finished
+    model = run_model(record.model, record.dataset, stored.channel_cuts)
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(store.load_weights(rid), strict=True)
     except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"the weights of run {rid} do not fit model {record.model}; the run folder is damaged") from None
     model.eval()
-    stored = record.result
-    assert stored is not None  # verify() passed: the run is finished
+    spec = DATASETS.get(record.dataset)
     result: dict[str, Any] = {
         "run_id": rid, "format": fmt, "path": str(out), "model": record.model, "dataset": record.dataset,
         "method": record.method, "sparsity": stored.sparsity,
         "tensor_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
+    if stored.channel_cuts:
+        result["parameters"] = sum(p.numel() for p in model.parameters())
+        result["rebuild"] = ("the smaller network: prunelab.deploy.export.run_model(model, dataset, channel_cuts "
+                             "of the run's summary), then load_state_dict")
     if fmt == "dense":
         save_dense(model, out)
     elif fmt == "sparse":

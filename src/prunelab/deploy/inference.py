@@ -31,6 +31,8 @@ from torch import nn
 from prunelab.errors import UserError
 from prunelab.deploy.shrink import shrink as shrink_model
 from prunelab.models.modes import eval_mode
+from prunelab.sparsity.channel_cut import remove_channels
+from prunelab.sparsity.channels import dead_channels, find_groups
 
 DEFAULT_THRESHOLD = 0.85
 """Weight sparsity at or above which a Linear layer gets the sparse kernel (measured crossover)."""
@@ -181,9 +183,12 @@ def sparse_inference(
     """A model computing the same function as ``model``, faster on CPU; for inference only.
 
     ``model`` holds its pruned weights as exact zeros (masks baked in). With
-    ``shrink``, dead neurons and channels are removed first
+    ``shrink``, dead neurons and channels are removed first: with
+    ``example_input``, every channel group (Torch-Pruning's dependency graph,
+    residual additions included) whose output parameters are all zero, then
     (:func:`prunelab.deploy.shrink.shrink`; models torch.fx cannot trace skip this
-    step). Then Linear layers with at least ``min_weights`` weights and
+    step) units on simple chains that are read with zero weights or put out
+    a constant. Then Linear layers with at least ``min_weights`` weights and
     weight sparsity at or above ``threshold`` become :class:`SparseLinear`.
     Convolutions get no sparse kernel.
 
@@ -198,12 +203,26 @@ def sparse_inference(
         raise UserError(f"threshold must be a weight sparsity in [0, 1], got {threshold}")
     if min_weights < 0:
         raise UserError(f"min_weights must be at least 0, got {min_weights}")
-    result = shrink_model(model) if shrink else copy.deepcopy(model).eval()
+    result = shrink_model(_without_dead_channels(model, example_input)) if shrink else copy.deepcopy(model).eval()
     sparsify_linears(result, threshold, min_weights)
     result.requires_grad_(False)
     if example_input is not None:
         _check_same_function(model, result, example_input)
     return result
+
+
+def _without_dead_channels(model: nn.Module, example_input: torch.Tensor | None) -> nn.Module:
+    """``model``, or (with an example input to trace) a copy without the channel groups whose every output
+    parameter is zero, residual groups included (:func:`prunelab.sparsity.channels.dead_channels`)."""
+    if example_input is None:
+        return model
+    copied = copy.deepcopy(model).eval()
+    try:
+        groups = find_groups(copied, example_input[:1])
+    except Exception:  # noqa: BLE001 (a model Torch-Pruning cannot trace keeps its channels; shrink still runs)
+        return model
+    remove_channels(copied, groups, dead_channels(copied, groups))
+    return copied
 
 
 def _check_same_function(model: nn.Module, result: nn.Module, example_input: torch.Tensor) -> None:

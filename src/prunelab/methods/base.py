@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import UserError
 from prunelab.registry import Registry
+from prunelab.sparsity.structure import structure_kind
 
 if TYPE_CHECKING:
     from prunelab.config.schema import RunConfig
@@ -57,9 +58,13 @@ class MethodSpec:
     run: Callable[[Context, Any], None]
     resolve: Callable[[RunConfig], RunConfig]
     plan: Callable[[RunConfig], Plan] = one_cycle
+    structures: tuple[str, ...] = ("unstructured", "N:M")
+    """The kinds of ``prune.structure`` the method can keep (``unstructured``, ``N:M``, ``channel``)."""
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+#: Every kind of ``prune.structure``: what a method that can also remove whole channels registers.
+ALL_STRUCTURES = ("unstructured", "N:M", "channel")
 
 
 def _identity(cfg: RunConfig) -> RunConfig:
@@ -72,14 +77,30 @@ def register_method(
     summary: str,
     resolve: Callable[[RunConfig], RunConfig] | None = None,
     plan: Callable[[RunConfig], Plan] = one_cycle,
+    structures: tuple[str, ...] = ("unstructured", "N:M"),
 ) -> Callable[[Callable[[Context, Any], None]], Callable[[Context, Any], None]]:
     """Decorator registering a method program under ``name`` with its settings class."""
 
     def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
-        METHODS.register(name, summary)(MethodSpec(name, settings, run, resolve or _identity, plan))
+        checked = _structure_checked(name, structures, resolve or _identity)
+        METHODS.register(name, summary)(MethodSpec(name, settings, run, checked, plan, structures))
         return run
 
     return decorate
+
+
+def _structure_checked(
+    name: str, structures: tuple[str, ...], resolve: Callable[[RunConfig], RunConfig]
+) -> Callable[[RunConfig], RunConfig]:
+    """``resolve``, after refusing a ``prune.structure`` the method cannot keep."""
+
+    def checked(cfg: RunConfig) -> RunConfig:
+        if structure_kind(cfg.prune.structure) not in structures:
+            raise UserError(f"{name} cannot prune with prune.structure={cfg.prune.structure}; "
+                            f"it supports {', '.join(structures)}")
+        return resolve(cfg)
+
+    return checked
 
 
 def check_counts(settings: object, minimum: int, *names: str) -> None:

@@ -11,14 +11,16 @@ masks, the cost and :attr:`Trainer.extra` anyway.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from prunelab.sparsity.allocate import allocate
-from prunelab.sparsity.mask import Masks, collapsed_layers, count_kept, count_total
+from prunelab.sparsity.channel_cut import Removal
+from prunelab.sparsity.channels import Group
+from prunelab.sparsity.mask import Masks, collapsed_layers, count_kept
 from prunelab.training.loop import Cost, CycleResult, StepHook, Trainer
 from prunelab.training.resume import skipped_while_replaying
 from prunelab.training.seeds import derive_seed
@@ -76,8 +78,8 @@ class Context:
 
     @property
     def total(self) -> int:
-        """Number of prunable weights."""
-        return count_total(self.trainer.masker.masks)
+        """Number of prunable weights of the network as built."""
+        return self.trainer.dense_total
 
     @property
     def kept(self) -> int:
@@ -171,6 +173,12 @@ class Context:
         """Install the masks ``compute`` returns; while a resumed run replays, neither compute nor install
         them (the checkpoint of the interrupted cycle restores the masks, and scoring may be costly)."""
         self.set_masks(compute())
+
+    @skipped_while_replaying
+    def cut(self, compute: Callable[[], tuple[Sequence[Group], Removal]]) -> None:
+        """Remove the channels ``compute`` chooses from the network for real; while a resumed run
+        replays, neither choose nor remove them (the checkpoint rebuilds the smaller network)."""
+        self.trainer.remove_channels(*compute())
 
     @skipped_while_replaying
     def prune(self, scores: Mapping[str, torch.Tensor], density: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from prunelab.methods.base import NoSettings, register_method
+from prunelab.methods.base import ALL_STRUCTURES, NoSettings, register_method
 from prunelab.methods.context import Context
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ def _no_target(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, prune=type(cfg.prune)(sparsity=0.0))
 
 
-@register_method("dense", NoSettings, "train the dense network with the same recipe (baseline)", _no_target)
+@register_method("dense", NoSettings, "train the dense network with the same recipe (baseline)", _no_target,
+                 structures=ALL_STRUCTURES)
 def run(ctx: Context, settings: NoSettings) -> None:
     """Train one cycle without masks."""
     ctx.train_cycle("train")

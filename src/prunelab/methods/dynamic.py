@@ -29,7 +29,6 @@ from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.dynamic import cosine_fraction, drop_and_grow
 from prunelab.sparsity.pruner import MagnitudeRamp
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.sparsity.structure import UNSTRUCTURED
 from prunelab.training.loop import StepHook, Trainer
 from prunelab.training.seeds import derive_seed
 
@@ -83,23 +82,19 @@ class SetHook(StepHook[Trainer]):
         trainer.set_masks(masks)
 
 
-def _unstructured(cfg: RunConfig) -> None:
-    """Dynamic sparse training regrows weights anywhere in a layer: no N:M (or other) structure."""
-    if cfg.prune.structure != UNSTRUCTURED:
-        raise UserError(f"{cfg.method.name} moves single connections anywhere in a layer, so it cannot keep "
-                        f"prune.structure={cfg.prune.structure}; use progressive, oneshot or iterative")
+# Regrowth moves single connections anywhere in a layer: no N:M groups or whole channels.
+UNSTRUCTURED_ONLY = ("unstructured",)
 
 
 def _check_set(cfg: RunConfig) -> RunConfig:
     s: SetSettings = cfg.method.settings
-    _unstructured(cfg)
     if not 0 < s.drop < 1 or s.update_every < 0:
         raise UserError(f"set needs 0 < method.drop < 1 and method.update_every >= 0, got {s.drop} and {s.update_every}")
     return erk_unless_layerwise(cfg)
 
 
 @register_method("set", SetSettings, "sparse from the start (ERK); every epoch 30% of each layer's weights move "
-                 "(smallest |w| dropped, as many regrown at random)", _check_set)
+                 "(smallest |w| dropped, as many regrown at random)", _check_set, structures=UNSTRUCTURED_ONLY)
 def run_set(ctx: Context, s: SetSettings) -> None:
     """A random ERK mask at initialisation, then one cycle with SET's updates after every epoch but the last."""
     prune_by(ctx, "random", ctx.target_density, s)
@@ -142,7 +137,6 @@ class RiglHook(StepHook[Trainer]):
 
 def _check_rigl(cfg: RunConfig) -> RunConfig:
     s: RiglSettings = cfg.method.settings
-    _unstructured(cfg)
     if not 0 < s.drop < 1 or s.delta < 1 or not 0 < s.end <= 1:
         raise UserError("rigl needs 0 < method.drop < 1, method.delta >= 1 and 0 < method.end <= 1, "
                         f"got {s.drop}, {s.delta} and {s.end}")
@@ -150,7 +144,8 @@ def _check_rigl(cfg: RunConfig) -> RunConfig:
 
 
 @register_method("rigl", RiglSettings, "sparse from the start (ERK); every 100 steps until 75% of the cycle, "
-                 "drop the smallest |w|, regrow the largest |dense gradient| (cosine-decayed 30%)", _check_rigl)
+                 "drop the smallest |w|, regrow the largest |dense gradient| (cosine-decayed 30%)", _check_rigl,
+                 structures=UNSTRUCTURED_ONLY)
 def run_rigl(ctx: Context, s: RiglSettings) -> None:
     """A random ERK mask at initialisation, then one cycle with RigL's updates."""
     prune_by(ctx, "random", ctx.target_density, s)
@@ -209,7 +204,6 @@ class GranetHook(StepHook[Trainer]):
 
 def _check_granet(cfg: RunConfig) -> RunConfig:
     s: GranetSettings = cfg.method.settings
-    _unstructured(cfg)
     epochs, end = cfg.train.epochs, ramp_end(s, cfg.train.epochs)  # type: ignore[arg-type]
     if not 0 <= s.start_epoch < end <= epochs:
         raise UserError(f"granet needs 0 <= method.start_epoch < method.end_epoch <= train.epochs, "
@@ -223,7 +217,8 @@ def _check_granet(cfg: RunConfig) -> RunConfig:
 
 
 @register_method("granet", GranetSettings, "gradual magnitude pruning (cubic, dense to the target by mid-cycle) "
-                 "with prune-and-regrow by |dense gradient| every 100 steps", _check_granet)
+                 "with prune-and-regrow by |dense gradient| every 100 steps", _check_granet,
+                 structures=UNSTRUCTURED_ONLY)
 def run_granet(ctx: Context, s: GranetSettings) -> None:
     """Optionally an ERK mask at ``initial_sparsity``, then one cycle of gradual pruning with regrowth."""
     if s.initial_sparsity > 0:

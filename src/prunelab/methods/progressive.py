@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import UserError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import ALL_STRUCTURES, register_method
 from prunelab.methods.context import Context
+from prunelab.methods.scoring import channels_by
+from prunelab.sparsity.criteria import CRITERIA
 from prunelab.sparsity.pruner import MagnitudeRamp
 from prunelab.sparsity.schedules import PolynomialSchedule
+from prunelab.sparsity.structure import CHANNEL
 from prunelab.training.loop import StepHook, Trainer
 
 if TYPE_CHECKING:
@@ -38,6 +41,8 @@ class ProgressiveSettings:
     power: float = field(default=1.0, metadata={"help": "ramp shape: 1 linear (the seed), 3 Zhu & Gupta"})
     initial_sparsity: float = field(default=0.0, metadata={"help": "sparsity the ramp starts from"})
     monotone: bool = field(default=True, metadata={"help": "a pruned weight never returns"})
+    score: str = field(default="magnitude", metadata={
+        "help": "prune.structure=channel: the channel criterion (magnitude = L1 norm, l2, bn_scale, taylor)"})
 
 
 def ramp_end(settings: ProgressiveSettings, epochs: int) -> int:
@@ -57,6 +62,13 @@ def _check(cfg: RunConfig) -> RunConfig:
         raise UserError(f"method.update_every must be >= 0 and method.power > 0, got {s.update_every} and {s.power}")
     if not 0 <= s.initial_sparsity <= cfg.prune.sparsity:
         raise UserError(f"method.initial_sparsity must be in [0, sparsity], got {s.initial_sparsity}")
+    if cfg.prune.structure == CHANNEL:
+        CRITERIA.get(s.score).check(CHANNEL)
+        if not s.monotone:
+            raise UserError("removed channels are gone: prune.structure=channel needs method.monotone=true")
+    elif s.score != "magnitude":
+        raise UserError(f"method.score={s.score!r} needs prune.structure=channel; progressive pruning of "
+                        "single weights is by magnitude")
     return cfg
 
 
@@ -78,11 +90,27 @@ class ProgressiveHook(StepHook[Trainer]):
         self.ramp.load_state_dict(state)
 
 
+class ChannelRamp(StepHook[Trainer]):
+    """At each update step of the schedule, removes the lowest-scoring channels until the network
+    keeps at most the schedule's density of its prunable weights (as built)."""
+
+    def __init__(self, ctx: Context, schedule: PolynomialSchedule, settings: ProgressiveSettings) -> None:
+        self.ctx, self.schedule, self.settings = ctx, schedule, settings
+
+    def before_step(self, step: int, trainer: Trainer) -> None:
+        if not self.schedule.is_update(step):
+            return
+        density = 1.0 - self.schedule.sparsity_at(step)
+        if self.ctx.kept > round(density * trainer.dense_total):
+            trainer.remove_channels(*channels_by(self.ctx, self.settings.score, density, self.settings))
+
+
 @register_method(
     "progressive",
     ProgressiveSettings,
     "one cycle; global magnitude pruning ramps sparsity from 0 to the target (default: by mid-cycle)",
     _check,
+    structures=ALL_STRUCTURES,
 )
 def run(ctx: Context, s: ProgressiveSettings) -> None:
     """One cycle with the mask updated on a polynomial schedule."""
@@ -101,5 +129,8 @@ def run(ctx: Context, s: ProgressiveSettings) -> None:
         every=every,
         power=s.power,
     )
+    if ctx.cfg.prune.structure == CHANNEL:
+        ctx.train_cycle("train", hook=ChannelRamp(ctx, schedule, s))
+        return
     ramp = MagnitudeRamp(schedule, ctx.cfg.prune.allocation, s.monotone, ctx.cfg.prune.structure)
     ctx.train_cycle("train", hook=ProgressiveHook(ramp))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import Plan, check_counts, register_method
+from prunelab.methods.base import ALL_STRUCTURES, Plan, check_counts, register_method
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 from prunelab.sparsity import criteria
@@ -33,7 +33,8 @@ TRAINED = criteria.names(trained=True)
 class OneShotSettings:
     """Criterion and fine-tuning of one-shot pruning."""
 
-    score: str = field(default="magnitude", metadata={"help": "criterion: " + ", ".join(TRAINED)})
+    score: str = field(default="magnitude", metadata={
+        "help": "criterion: " + ", ".join(TRAINED) + " (l2 and bn_scale: prune.structure=channel only)"})
     batches: int = BATCHES.field("taylor/hessian")
     finetune_epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (None: train.epochs)"})
     finetune_lr: float | None = field(default=None, metadata={"help": "fine-tuning lr (None: train.lr / 10)"})
@@ -69,6 +70,7 @@ def _check(cfg: RunConfig) -> RunConfig:
     s = cfg.method.settings
     if s.score not in TRAINED:
         raise UserError(f"unknown criterion {s.score!r}; choose one of: {', '.join(TRAINED)}")
+    criteria.CRITERIA.get(s.score).check(cfg.prune.structure)
     if s.patience < 0 or (s.finetune_epochs is not None and s.finetune_epochs < 1):
         raise UserError("method.patience must be >= 0 and method.finetune_epochs >= 1")
     if isinstance(s, IterativeSettings):
@@ -105,7 +107,8 @@ def short_epochs(s: IterativeSettings, epochs: int) -> int:
 
 
 @register_method("oneshot", OneShotSettings,
-                 "train dense (reused from the store), prune once to the target, fine-tune", _check, _plan)
+                 "train dense (reused from the store), prune once to the target, fine-tune", _check, _plan,
+                 ALL_STRUCTURES)
 def oneshot(ctx: Context, s: OneShotSettings) -> None:
     """Pretrained dense -> one prune -> fine-tune."""
     ctx.load_pretrained()
@@ -114,7 +117,8 @@ def oneshot(ctx: Context, s: OneShotSettings) -> None:
 
 
 @register_method("iterative", IterativeSettings,
-                 "train dense, then prune-and-fine-tune steps on a constant, geometric or hybrid schedule", _check, _plan)
+                 "train dense, then prune-and-fine-tune steps on a constant, geometric or hybrid schedule", _check, _plan,
+                 ALL_STRUCTURES)
 def iterative(ctx: Context, s: IterativeSettings) -> None:
     """Pretrained dense -> (prune a step, fine-tune) until the target."""
     ctx.load_pretrained()

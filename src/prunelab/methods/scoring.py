@@ -16,7 +16,10 @@ from typing import Any
 from prunelab.methods.context import Context
 from prunelab.sparsity import pai
 from prunelab.sparsity.criteria import CRITERIA, Needs, Probe, Target
+from prunelab.sparsity.channel_cut import Removal, choose_channels
+from prunelab.sparsity.channels import Group, find_groups
 from prunelab.sparsity.mask import Masks
+from prunelab.sparsity.structure import CHANNEL
 
 
 def _weights(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
@@ -56,12 +59,35 @@ def masks_by(ctx: Context, name: str, density: float, settings: object = None) -
     """Masks at ``density`` by criterion ``name`` on the current network (monotone), with the
     criterion's settings taken from ``settings`` where it has them (else the defaults)."""
     criterion = CRITERIA.get(name)
+    prune = ctx.cfg.prune
+    criterion.check(prune.structure)
+    assert criterion.masks is not None  # check() refuses channel-only criteria here
     knobs = criterion.settings(settings)
     probe = _PROBES[criterion.needs](ctx, name, knobs)
-    prune = ctx.cfg.prune
     return criterion.masks(probe, Target(density, prune.allocation, ctx.trainer.masker.masks, prune.structure), knobs)
 
 
+def channels_by(ctx: Context, name: str, density: float, settings: object = None) -> tuple[list[Group], Removal]:
+    """The channel groups of the current network and the channels to remove, lowest scores of
+    criterion ``name`` first, until at most ``density`` of the network's prunable weights (as it
+    was built) are left, allocated by ``prune.allocation`` (``global`` or ``layerwise``)."""
+    criterion = CRITERIA.get(name)
+    criterion.check(CHANNEL)
+    assert criterion.channel is not None
+    knobs = criterion.settings(settings)
+    probe = _PROBES[criterion.needs](ctx, name, knobs)
+    trainer = ctx.trainer
+    groups = find_groups(trainer.model, trainer.data.train_x[:1], ctx.cfg.prune.exclude)
+    keep = round(density * trainer.dense_total)
+    chosen = choose_channels(trainer.model, groups, criterion.channel(probe, groups), trainer.masker.params, keep,
+                             ctx.cfg.prune.allocation)
+    return groups, chosen
+
+
 def prune_by(ctx: Context, name: str, density: float, settings: object = None) -> None:
-    """Prune the current network to ``density`` by criterion ``name`` (skipped while a resumed run replays)."""
-    ctx.update_masks(lambda: masks_by(ctx, name, density, settings))
+    """Prune the current network to ``density`` by criterion ``name``: masks, or with
+    ``prune.structure=channel`` channels removed (skipped while a resumed run replays)."""
+    if ctx.cfg.prune.structure == CHANNEL:
+        ctx.cut(lambda: channels_by(ctx, name, density, settings))
+    else:
+        ctx.update_masks(lambda: masks_by(ctx, name, density, settings))

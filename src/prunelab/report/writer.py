@@ -188,7 +188,10 @@ def _mask_sections(
                if wanted is not None else "no pruned runs")
         return [Heading(3, "Per-layer density and mask overlap"), Para(f"Not drawn: {why}.")]
     at = plots.pct(sparsity)
-    rows = [r for r in table.rows if r.target == sparsity and r.method != "dense"]
+    pruned = [r for r in table.rows if r.target == sparsity and r.method != "dense"]
+    # A channel run removes channels instead of masking weights: its masks cover other shapes.
+    rows = [r for r in pruned if not any(s.channel_cuts for s in r.summaries)]
+    channels = [r.label for r in pruned if r not in rows]
     masks: dict[str, dict] = {}
     missing = []
     store = Store.reader(store_root)
@@ -207,6 +210,9 @@ def _mask_sections(
                            Para(f"Masks of the lowest seed of each variant at target sparsity {at}.")]
     if missing:
         blocks.append(Para("No usable mask.pt for: " + ", ".join(missing) + "."))
+    if channels:
+        blocks.append(Para("Not drawn (channels removed, not masked: the layers have other shapes): "
+                           + ", ".join(channels) + "."))
     if not masks:
         return blocks
     series = {label: layer_densities(m) for label, m in masks.items()}

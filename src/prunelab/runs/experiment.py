@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from prunelab.config.identity import run_id, to_dict
 from prunelab.config.build import method_config
@@ -26,14 +27,15 @@ from prunelab.errors import Diverged, UserError
 from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
-from prunelab.sparsity.mask import Masker, prunable_parameters, weight_sparsity
+from prunelab.sparsity.channels import classifier_name
+from prunelab.sparsity.mask import Masker, prunable_parameters
 from prunelab.sparsity.structure import check_groupable, check_nm, parse_structure
 from prunelab.runs.summary import DivergedSummary, RunSummary
 from prunelab.runs.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
 from prunelab.training import distributed
 from prunelab.training.cost import forward_flops
 from prunelab.training.distributed import World
-from prunelab.training.loop import Cost, LoopSettings, Trainer
+from prunelab.training.loop import CHANNEL_CUTS, Cost, LoopSettings, Trainer
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits
             optim=cfg.train.optim(),
             augment=cfg.data.augment,
             precision=cfg.train.precision,
+            bn_l1=cfg.train.bn_l1,
         ),
         masker=Masker(params),
         layer_flops=forward_flops(model, (spec.channels, spec.image_size, spec.image_size)),
@@ -297,6 +300,31 @@ def _to_device(data: DataSplits, device: torch.device, channels_last: bool = Fal
     return dataclasses.replace(data, **moved)
 
 
+def _sparsity(trainer: Trainer) -> float:
+    """Zeros among the prunable weights, and weights removed with their channels, over the weights as built."""
+    params = trainer.masker.params
+    now = sum(p.numel() for p in params.values())
+    zeros = sum(int((p == 0).sum()) for p in params.values())
+    return (zeros + trainer.dense_total - now) / trainer.dense_total
+
+
+def _channel_fields(ctx: Context) -> dict[str, Any]:
+    """``channel_sparsity`` and ``channel_cuts`` of a run that removed channels (nothing otherwise)."""
+    cuts = ctx.trainer.extra.get(CHANNEL_CUTS)
+    if cuts is None:
+        return {}
+    spec = ctx.trainer.data.spec
+    built = build_model(ctx.cfg.model.name, spec.channels, spec.image_size, spec.num_classes)
+    example = ctx.trainer.data.train_x[:1].cpu()
+    last = classifier_name(built, example)
+
+    def outputs(model: nn.Module) -> int:
+        return sum(m.weight.shape[0] for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and n != last)
+
+    return {"channel_sparsity": 1.0 - outputs(ctx.trainer.model) / outputs(built), "channel_cuts": cuts}
+
+
 def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
     """Evaluate on test (final weights and validation-selected weights), store files, build the summary (rank 0)."""
     trainer = ctx.trainer
@@ -322,7 +350,8 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
         run_id=rid,
         status="ok",
         **headline(ctx.cfg),
-        sparsity=weight_sparsity(masker.params),
+        sparsity=_sparsity(trainer),
+        **_channel_fields(ctx),
         test_acc=test_acc,
         test_loss=test_loss,
         val_acc=final.get("val_acc"),
@@ -335,7 +364,7 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
         eval_s=time.perf_counter() - started,
         train_flops=cost.train_flops,
         dense_train_flops=cost.dense_train_flops,
-        itop_rate=trainer.history.itop_rate(),
+        itop_rate=None if CHANNEL_CUTS in trainer.extra else trainer.history.itop_rate(),
         connections_moved=trainer.history.moved,
         weights_sha256=weights_sha256,
         mask_sha256=mask_sha256,

@@ -32,7 +32,14 @@ class RunSummary:
     target_sparsity: float
     seed: int
     sparsity: float | None = None
-    """Achieved: the fraction of prunable weights that are exactly 0 in the stored weights."""
+    """Achieved: the fraction of the network's prunable weights (as built) that are exactly 0 in the
+    stored weights or were removed with their channels."""
+    channel_sparsity: float | None = None
+    """prune.structure=channel only: the fraction of the output channels of the Conv and Linear layers
+    (the classifier's excepted) that were removed."""
+    channel_cuts: list[dict[str, list[int]]] | None = None
+    """prune.structure=channel only: the channels removed, cut by cut (group root layer -> channels, numbered
+    as the network was at that cut); replayed on the built model, they give the stored weights' shapes."""
     test_acc: float | None = None
     """Of the final weights."""
     test_loss: float | None = None
@@ -70,10 +77,12 @@ class RunSummary:
     """Under torchrun: the world size and every rank's mask digest (absent otherwise)."""
 
     def as_dict(self) -> dict[str, Any]:
-        """The stored and printed form: every field by name (``ddp`` only for a distributed run)."""
+        """The stored and printed form: every field by name (``ddp`` only for a distributed run, the
+        channel fields only for ``prune.structure=channel``)."""
         out = dataclasses.asdict(self)
-        if out["ddp"] is None:
-            del out["ddp"]
+        for key in ("ddp", "channel_sparsity", "channel_cuts"):  # absent where they do not apply
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import UserError
-from prunelab.sparsity.channels import NORMS, Group, weight_dim
+from prunelab.sparsity.channels import NORMS, Group, find_groups, weight_dim
 
 Removal = dict[str, list[int]]
 
@@ -208,6 +208,13 @@ def _resize(module: nn.Module, dim: int, size: int) -> None:
         return
     attrs = next(v for t, v in _SIZES.items() if isinstance(module, t))
     setattr(module, attrs[dim], size)
+
+
+def replay_cuts(model: nn.Module, cuts: Sequence[Mapping[str, Sequence[int]]], example: torch.Tensor) -> None:
+    """Remove ``cuts`` (removals in the order they were made) from ``model`` as built: the network a
+    run with ``prune.structure=channel`` ended with (``example``: one input batch)."""
+    for removal in cuts:
+        remove_channels(model, find_groups(model, example), removal)
 
 
 @torch.no_grad()

@@ -38,15 +38,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Layers a group may contain. Anything else with parameters makes the group not prunable.
 SUPPORTED: tuple[type[nn.Module], ...] = (*_CONV, nn.Linear, *NORMS)
-#: Channel criteria: the name of each, what it scores a channel by.
-CHANNEL_CRITERIA = {
-    "l1": "L1 norm of the channel's filter weights (Li et al. 2017)",
-    "l2": "L2 norm of the channel's filter weights",
-    "bn_scale": "|gamma| of the channel's BatchNorm (network slimming, Liu et al. 2017)",
-    "taylor": "(sum of w * dL/dw over the channel's parameters)^2, averaged over batches (Molchanov et al. 2019)",
-}
-
-
 @dataclass(frozen=True)
 class Member:
     """Where a group's channels sit in one layer: its ``side`` (``out``: the layer's outputs,
@@ -151,6 +142,20 @@ def norm_scores(model: nn.Module, group: Group, p: int) -> torch.Tensor:
     return total if p == 1 else total.sqrt()
 
 
+def dead_channels(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[int]]:
+    """Channels whose every output parameter (weights, biases, BatchNorm scale and shift) is exactly
+    zero: they put out 0 everywhere, so removing them changes nothing. Each group keeps one channel."""
+    removal = {}
+    for g in groups:
+        total = torch.zeros(g.channels, dtype=torch.float64)
+        for m, _, p in _out_parameters(model, g, norms=False) + _out_parameters(model, g, norms=True):
+            total += _per_channel(g, m, p.abs(), 0)
+        dead = (total == 0).nonzero().squeeze(1).tolist()[: g.channels - 1]
+        if dead:
+            removal[g.root] = dead
+    return removal
+
+
 def bn_scale_scores(model: nn.Module, group: Group) -> torch.Tensor | None:
     """Sum of |gamma| over the group's BatchNorm layers; None when the group has none."""
     scales = [(m, w) for m, attr, w in _out_parameters(model, group, norms=True) if attr == "weight"]
@@ -176,21 +181,3 @@ def taylor_scores(model: nn.Module, groups: Sequence[Group], batches: Sequence[B
                     first += _per_channel(g, m, p * grads[f"{i}.{j}"], 0)
                 totals[i] += first**2
     return [t / len(batches) for t in totals]
-
-
-def channel_scores(
-    name: str, model: nn.Module, groups: Sequence[Group], batches: Sequence[Batch] = ()
-) -> list[torch.Tensor | None]:
-    """Scores (higher = keep) of every group's channels by criterion ``name``; None for a group it cannot score."""
-    if name not in CHANNEL_CRITERIA:
-        raise UserError(f"unknown channel criterion {name!r}; choose one of: {', '.join(CHANNEL_CRITERIA)}")
-    if name == "taylor":
-        return list(taylor_scores(model, groups, batches))
-    if name == "bn_scale":
-        scores = [bn_scale_scores(model, g) for g in groups]
-        if all(s is None for s in scores):
-            raise UserError("bn_scale scores a channel by its BatchNorm scale, and no prunable group of this "
-                            "model has a BatchNorm layer; use l1, l2 or taylor")
-        return scores
-    return [norm_scores(model, g, 1 if name == "l1" else 2) for g in groups]
-

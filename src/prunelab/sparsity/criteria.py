@@ -24,13 +24,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prunelab.errors import UserError
 from prunelab.registry import Registry
-from prunelab.sparsity import pai, scores
+from prunelab.sparsity import channels, pai, scores
+from prunelab.sparsity.channels import Group
 from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import BATCHES, ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE, Knob
 from prunelab.sparsity.mask import Masks
 from prunelab.sparsity.scores import Batch
-from prunelab.sparsity.structure import UNSTRUCTURED
+from prunelab.sparsity.structure import CHANNEL, UNSTRUCTURED
 
 Needs = Literal["weights", "batches", "batch", "balanced", "shape"]
 
@@ -59,6 +61,8 @@ class Target:
 
 
 MaskFn = Callable[[Probe, Target, Mapping[str, Any]], Masks]
+#: Scores of every group's channels (higher = keep); None for a group the criterion cannot score.
+ChannelFn = Callable[[Probe, Sequence[Group]], list[torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,24 @@ class Criterion:
     """One registered criterion."""
 
     name: str
-    masks: MaskFn
+    masks: MaskFn | None
+    """Masks of single weights; None for a criterion that scores only whole channels."""
     needs: Needs
     knobs: tuple[Knob, ...] = ()
     trained: bool = False
     """Meant for trained networks (oneshot, iterative)."""
     at_init: bool = False
     """Meant for pruning at initialisation (the PaI methods, cyclic, sculpt)."""
+    channel: ChannelFn | None = None
+    """Scores of whole channels (``prune.structure=channel``); None for a criterion of single weights only."""
+
+    def check(self, structure: str) -> None:
+        """A :class:`UserError` when this criterion cannot prune with ``structure``."""
+        if structure == CHANNEL and self.channel is None:
+            raise UserError(f"criterion {self.name!r} scores single weights; with prune.structure=channel "
+                            f"use one of: {', '.join(channel_names())}")
+        if structure != CHANNEL and self.masks is None:
+            raise UserError(f"criterion {self.name!r} scores whole channels; it needs prune.structure=channel")
 
     def settings(self, given: object = None) -> dict[str, Any]:
         """This criterion's knobs: the defaults, overridden by the attributes ``given`` has."""
@@ -82,10 +97,10 @@ class Criterion:
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def _register(name: str, summary: str, needs: Needs, *knobs: Knob, trained: bool = False, at_init: bool = False
-              ) -> Callable[[MaskFn], MaskFn]:
+def _register(name: str, summary: str, needs: Needs, *knobs: Knob, trained: bool = False, at_init: bool = False,
+              channel: ChannelFn | None = None) -> Callable[[MaskFn], MaskFn]:
     def decorate(fn: MaskFn) -> MaskFn:
-        CRITERIA.register(name, summary)(Criterion(name, fn, needs, knobs, trained, at_init))
+        CRITERIA.register(name, summary)(Criterion(name, fn, needs, knobs, trained, at_init, channel))
         return fn
 
     return decorate
@@ -102,12 +117,31 @@ def _sample(probe: Probe) -> Batch:
     return torch.cat([x for x, _ in probe.batches]), torch.cat([y for _, y in probe.batches])
 
 
-@_register("magnitude", "|w|", "weights", trained=True, at_init=True)
+def _norms(p: int) -> ChannelFn:
+    return lambda probe, groups: [channels.norm_scores(probe.model, g, p) for g in groups]
+
+
+def _bn_scales(probe: Probe, groups: Sequence[Group]) -> list[torch.Tensor | None]:
+    found = [channels.bn_scale_scores(probe.model, g) for g in groups]
+    if all(s is None for s in found):
+        raise UserError("bn_scale scores a channel by its BatchNorm scale, and no prunable group of this "
+                        "model has a BatchNorm layer; use magnitude, l2 or taylor")
+    return found
+
+
+def _channel_taylor(probe: Probe, groups: Sequence[Group]) -> list[torch.Tensor | None]:
+    return list(channels.taylor_scores(probe.model, groups, probe.batches))
+
+
+@_register("magnitude", "|w|; for channels the L1 norm of the channel's filter (Li et al. 2017)", "weights",
+           trained=True, at_init=True, channel=_norms(1))
 def _magnitude(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     return _ranked(scores.magnitude(probe.params), target)
 
 
-@_register("taylor", "first-order Taylor |w * dL/dw| averaged over batches", "batches", BATCHES, trained=True)
+@_register("taylor", "first-order Taylor |w * dL/dw| averaged over batches; for channels "
+           "(sum of w * dL/dw over the channel)^2 (Molchanov et al. 2019)", "batches", BATCHES, trained=True,
+           channel=_channel_taylor)
 def _taylor(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     return _ranked(scores.taylor(probe.model, probe.params, probe.batches), target)
 
@@ -146,6 +180,17 @@ def _synflow(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
     return pai.synflow_masks(probe.model, probe.params, target.density, target.allocation, probe.input_shape,
                              knobs.get("iterations", ITERATIONS.default), current=target.current,
                              structure=target.structure)
+
+
+CRITERIA.register("l2", "channels only: L2 norm of the channel's filter")(
+    Criterion("l2", None, "weights", trained=True, channel=_norms(2)))
+CRITERIA.register("bn_scale", "channels only: |gamma| of the channel's BatchNorm (network slimming, Liu et al. 2017)")(
+    Criterion("bn_scale", None, "weights", trained=True, channel=_bn_scales))
+
+
+def channel_names() -> list[str]:
+    """Names of the criteria that score whole channels."""
+    return [e.name for e in CRITERIA if e.obj.channel is not None]
 
 
 def names(trained: bool = False, at_init: bool = False) -> list[str]:

@@ -31,7 +31,7 @@ from prunelab.sparsity.criteria import CRITERIA, Probe, Target
 from prunelab.sparsity.mask import Masker, Masks, collapsed_layers, mask_sparsity, prunable_parameters
 from prunelab.sparsity.schedules import PolynomialSchedule
 from prunelab.sparsity.scores import Batch, magnitude
-from prunelab.sparsity.structure import UNSTRUCTURED, check_groupable, check_sparsity, parse_structure
+from prunelab.sparsity.structure import CHANNEL, UNSTRUCTURED, check_groupable, check_sparsity, parse_structure
 
 
 def prune(
@@ -231,6 +231,9 @@ class ProgressivePruner:
 
 def _check_structure(params: Mapping[str, nn.Parameter], structure: str, sparsity: float) -> None:
     """The structure's own errors: a sparsity other than ``1 - N/M``, tensors without groups of M."""
+    if structure == CHANNEL:
+        raise UserError("prunelab.prune and ProgressivePruner prune single weights or N:M groups; whole "
+                        "channels are removed by `prunelab run --set prune.structure=channel`")
     nm = parse_structure(structure)
     if nm is not None:
         check_sparsity(nm, sparsity, f"pass sparsity={1 - nm.density:.4g}")
@@ -281,4 +284,6 @@ def _by_name(name: str, probe: Probe, target: Target) -> Masks:
         if not probe.batches:
             raise UserError(f"criterion {name!r} needs input_shape=(channels, height, width) or batches")
         probe = Probe(probe.model, probe.params, probe.batches, tuple(probe.batches[0][0].shape[1:]))
+    criterion.check(target.structure)
+    assert criterion.masks is not None  # check() refuses channel-only criteria here
     return criterion.masks(probe, target, criterion.settings())

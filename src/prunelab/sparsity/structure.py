@@ -1,4 +1,5 @@
-"""The shape a mask may take: any weights (``unstructured``) or at most N of every M (``N:M``).
+"""The shape pruning may take: any weights (``unstructured``), whole channels (``channel``, see
+:mod:`prunelab.sparsity.channels`) or at most N of every M weights (``N:M``).
 
 N:M groups follow NVIDIA's sparse tensor cores (and their ASP library): M
 consecutive weights along a tensor's input dimension (dim 1: a Linear's
@@ -20,6 +21,7 @@ import torch
 from prunelab.errors import UserError
 
 UNSTRUCTURED = "unstructured"
+CHANNEL = "channel"
 #: The largest M accepted: groups are sorted per step of the allocation, and hardware uses M <= 16.
 MAX_GROUP = 256
 
@@ -41,16 +43,21 @@ class NM:
 
 
 def parse_structure(text: str) -> NM | None:
-    """``None`` for ``unstructured``, an :class:`NM` for ``"N:M"``; a :class:`UserError` for anything else."""
-    if text == UNSTRUCTURED:
+    """The :class:`NM` of ``"N:M"``; None for ``unstructured`` and ``channel``; a :class:`UserError` otherwise."""
+    if text in (UNSTRUCTURED, CHANNEL):
         return None
     match = re.fullmatch(r"(\d{1,3}):(\d{1,3})", text)
     if match is None:
-        raise UserError(f"prune.structure must be 'unstructured' or N:M such as '2:4', got {text!r}")
+        raise UserError(f"prune.structure must be 'unstructured', 'channel' or N:M such as '2:4', got {text!r}")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m <= MAX_GROUP:
         raise UserError(f"prune.structure {text!r} needs 0 < N < M <= {MAX_GROUP}")
     return NM(n, m)
+
+
+def structure_kind(text: str) -> str:
+    """``unstructured``, ``channel`` or ``N:M`` (the kind of an N:M setting such as ``2:4``)."""
+    return "N:M" if parse_structure(text) is not None else text
 
 
 def check_sparsity(nm: NM | None, sparsity: float, hint: str) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from prunelab.sparsity.mask import layer_densities
 from prunelab.training.cost import TRAIN_STEP_FORWARDS, dense_train_step_flops, train_step_flops
 
 
@@ -38,8 +37,12 @@ class CostMeter:
     """Keeps a run's :class:`Cost`, counting each step at the FLOPs of the masks in force."""
 
     def __init__(self, layer_flops: Mapping[str, int], masks: Mapping[str, torch.Tensor]) -> None:
-        """``layer_flops``: forward FLOPs per prunable weight of one sample (:func:`forward_flops`)."""
+        """``layer_flops``: forward FLOPs per prunable weight of one sample (:func:`forward_flops`),
+        of the network as built; ``masks`` cover its prunable weights."""
         self.layer_flops = dict(layer_flops)
+        # A layer's FLOPs scale with the weights it keeps of those it was built with: by its mask, and
+        # by the channels removed from it (its later masks are smaller).
+        self.sizes = {name: m.numel() for name, m in masks.items()}
         self.cost = Cost()
         # Per sample; a step costs these times its global batch size.
         self._dense_step_flops = dense_train_step_flops(self.layer_flops, 1)
@@ -49,7 +52,8 @@ class CostMeter:
 
     def masks_changed(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Recount the FLOPs of a step under new ``masks`` (call whenever the masks change)."""
-        self._step_flops = train_step_flops(self.layer_flops, layer_densities(masks), 1)
+        densities = {name: int(m.sum()) / self.sizes[name] for name, m in masks.items()}
+        self._step_flops = train_step_flops(self.layer_flops, densities, 1)
 
     def count_step(self, batch_size: int) -> None:
         """One optimizer step on a global batch of ``batch_size`` samples (whatever share this process trains)."""

@@ -20,7 +20,7 @@ order in which they happen.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,10 @@ from tqdm import tqdm
 from prunelab.data import Augment, DataSplits, num_batches, train_batches
 from prunelab.faults import fault_point
 from prunelab.sparsity.dynamic import MaskHistory
-from prunelab.sparsity.mask import Masker, Masks, count_kept, mask_sparsity
+from prunelab.errors import UserError
+from prunelab.sparsity.channel_cut import Removal, remove_channels, replay_cuts
+from prunelab.sparsity.channels import Group
+from prunelab.sparsity.mask import Masker, Masks, count_kept, count_total
 from prunelab.training.accounting import Cost, CostMeter
 from prunelab.training.distributed import SINGLE, SharedCheckpointer, World, masks_digest
 from prunelab.training.optim import OptimSettings, build_optimizer, lr_at, set_lr
@@ -48,6 +51,9 @@ from prunelab.training.step import (
     evaluate,
     train_step,
 )
+
+#: Key of :attr:`Trainer.extra` that lists the channel removals so far, in order.
+CHANNEL_CUTS = "channel_cuts"
 
 # Re-exported: the rest of prunelab imports these from here.
 __all__ = [
@@ -65,6 +71,7 @@ class LoopSettings:
     augment: Augment = Augment()
     eval_batch_size: int = 1000
     precision: str = "fp32"
+    bn_l1: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,9 @@ class Trainer:
         self.log = log or (lambda record: None)
         self.progress = progress
         self.meter = CostMeter(layer_flops, masker.masks)
+        # Prunable weights of the network as built: sparsities count against these, also once
+        # channels are removed (prune.structure=channel) and the layers are smaller.
+        self.dense_total = count_total(masker.masks)
         # Which connections were ever trained, and how many came in after the start (ITOP).
         self.history = MaskHistory(masker.masks)
         self.mask_digests: list[str] = []  # per rank, from the last check of a distributed run
@@ -150,6 +160,35 @@ class Trainer:
         """Install new masks: pruned weights and their optimizer state become 0, FLOPs are recounted."""
         self._install_masks(masks, self.optimizer, "the masks after a mask update")
         fault_point("mask")
+
+    def remove_channels(self, groups: Sequence[Group], removal: Removal) -> None:
+        """Cut the ``removal``'s channels out of the model for real (weights, gradients, optimizer
+        state, BatchNorm statistics); the masks become those of the smaller layers, all kept.
+
+        The cut is recorded in :attr:`extra`, so a checkpoint rebuilds the smaller network.
+        """
+        if self.world.distributed:
+            raise UserError("prune.structure=channel does not run under torchrun yet; train on one process")
+        remove_channels(self.model, groups, removal, self.optimizer)
+        self.extra.setdefault(CHANNEL_CUTS, []).append({root: list(cs) for root, cs in removal.items()})
+        self._smaller_masker()
+
+    def _smaller_masker(self) -> None:
+        """A masker (all kept) over the model's prunable weights as they are now."""
+        self.masker = Masker({name: self.model.get_parameter(name) for name in self.masker.params})
+        self.history = MaskHistory(self.masker.masks)  # connections are gone, not pruned: no ITOP
+        self._install_masks(self.masker.masks, None, "the masks after channels were removed")
+
+    def _rebuild(self, checkpoint: Mapping[str, Any]) -> None:
+        """Cut the channels a checkpoint's network had lost (the cuts not made yet, in order)."""
+        done = self.extra.get(CHANNEL_CUTS, [])
+        cuts = checkpoint["extra"].get(CHANNEL_CUTS, [])
+        if cuts[: len(done)] != done:
+            raise RuntimeError("the checkpoint's network is not a continuation of this one")
+        replay_cuts(self.model, cuts[len(done):], self.data.train_x[:1])
+        if len(cuts) > len(done):
+            self.extra[CHANNEL_CUTS] = [dict(c) for c in cuts]
+            self._smaller_masker()
 
     def agree_on_masks(self, what: str = "the final masks") -> list[str]:
         """Every rank's sha256 of its masks, in rank order; raises if the ranks' masks differ.
@@ -197,11 +236,14 @@ class Trainer:
         """
         cycle = _Cycle(name, self.cycle_index, epochs, optim or self.settings.optim, hook, start_step)
         self.cycle_index += 1
-        self.optimizer = build_optimizer(self.model.parameters(), cycle.optim)
         result = CycleResult()
         if self.replay.skips(cycle.index):
+            self.optimizer = build_optimizer(self.model.parameters(), cycle.optim)
             return result  # finished before the interruption; a later checkpoint restores the state
         checkpoint = self.replay.take(cycle.index)
+        if checkpoint is not None:
+            self._rebuild(checkpoint)  # the network the checkpoint's weights belong to
+        self.optimizer = build_optimizer(self.model.parameters(), cycle.optim)
         start_epoch = (self._restore(checkpoint, hook, result) if checkpoint is not None
                        else start_step // self.steps_per_epoch)
         started = time.perf_counter()
@@ -242,7 +284,8 @@ class Trainer:
             self.meter.count_step(len(batch[1]))
             self.history.stepped()  # the masks in force now are those of this step's forward pass
             tally.add(i, *train_step(self._step_model, opt, self.masker, self.world, batch, s.precision,
-                                     s.label_smoothing, None if hook is None else partial(hook.after_backward, step, self)))
+                                     s.label_smoothing, None if hook is None else partial(hook.after_backward, step, self),
+                                     s.bn_l1))
         bar.close()
         check_finite(tally.losses, self.model, epoch, steps_per_epoch)
         self.masker.apply_to_weights()  # guard only; a no-op for SGD, Adam and AdamW (see Masker)
@@ -258,7 +301,7 @@ class Trainer:
         return {
             "cycle": cycle.index, "phase": cycle.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
             "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-            "kept": count_kept(masks), "mask_sparsity": mask_sparsity(masks),
+            "kept": count_kept(masks), "mask_sparsity": 1.0 - count_kept(masks) / self.dense_total,
         }
 
     def _batches(self, cycle: _Cycle, epoch: int) -> tqdm[tuple[torch.Tensor, torch.Tensor]]:

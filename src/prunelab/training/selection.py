@@ -37,12 +37,15 @@ def select(
 ) -> None:
     """Let the epoch ``record`` (0-based ``epoch``) compete for the cycle's selection and its early stopping.
 
-    Only epochs whose masks keep exactly ``select_kept`` weights compete (None:
-    every epoch), and never one whose validation accuracy is NaN (an empty
-    validation split). ``model``'s state is copied when the epoch wins.
+    Only epochs that keep at most ``select_kept`` weights compete, that is
+    epochs at the target (None: every epoch); masks stop exactly at it, and a
+    network whose channels were removed stops at most one channel below it,
+    so every competing epoch has the final network's shape. Never one whose
+    validation accuracy is NaN (an empty validation split). ``model``'s state
+    is copied when the epoch wins.
     """
     val = record["val_acc"]
-    if select_kept is not None and record["kept"] != select_kept or val != val:  # val != val: NaN
+    if select_kept is not None and record["kept"] > select_kept or val != val:  # val != val: NaN
         return
     selection = result.selection
     if val > selection.val_acc + min_delta:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from prunelab.data import eval_batches
 from prunelab.errors import Diverged
@@ -40,13 +41,17 @@ def train_step(
     precision: str,
     label_smoothing: float,
     after_backward: Callable[[], bool] | None = None,
+    bn_l1: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step on this process's share of the global ``batch``, pruned weights kept at 0.
 
     ``model`` is what the step calls (the DistributedDataParallel wrapper
     when distributed). ``after_backward`` runs while the gradients are dense
     (averaged over the ranks); when it returns True the optimizer does not
-    step. Returns the share's mean loss (detached, not synced), its number of
+    step. ``bn_l1`` > 0 adds network slimming's sparsity penalty: ``bn_l1 *
+    sign(gamma)`` to the gradient of every BatchNorm scale, the subgradient of
+    ``bn_l1 * |gamma|`` (Liu et al. 2017, as their code does after backward).
+    Returns the share's mean loss (detached, not synced), its number of
     correct predictions (a tensor) and its size.
     """
     x, y, scale = world.shard(*batch)
@@ -55,10 +60,21 @@ def train_step(
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss if scale == 1.0 else loss * scale).backward()
+    if bn_l1:
+        add_bn_l1(model, bn_l1)
     if after_backward is None or not after_backward():
         masker.apply_to_grads()
         optimizer.step()  # pruned weights stay exactly 0: see Masker
     return loss.detach(), (out.detach().argmax(1) == y).sum(), len(y)
+
+
+@torch.no_grad()
+def add_bn_l1(model: nn.Module, strength: float) -> None:
+    """Add ``strength * sign(gamma)`` to the gradient of every BatchNorm scale gamma that has one."""
+    scales = [m.weight for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None
+              and m.weight.grad is not None]
+    if scales:
+        torch._foreach_add_([g.grad for g in scales], torch._foreach_sign(scales), alpha=strength)
 
 
 class EpochTally:
