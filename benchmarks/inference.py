@@ -30,7 +30,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,13 +37,13 @@ import torch
 from torch import nn
 
 import prunelab
+from common import interleaved_calls, median_ratios
 from prunelab.deploy.export import save_dense, save_sparse
 from prunelab.deploy.inference import sparse_inference
 from prunelab.models import build_model, init_weights
 
 SPARSITIES = (0.9, 0.95, 0.98)
 BATCHES = (1, 64)
-ROUND_S = 0.01  # time per variant per round
 
 
 def mlp4096() -> nn.Module:
@@ -69,31 +68,13 @@ def pruned(name: str, sparsity: float) -> nn.Module:
     return model.eval()
 
 
-def _calls_per_round(fn: Callable[[], object]) -> int:
-    start = time.perf_counter()
-    fn()
-    return max(1, round(ROUND_S / max(time.perf_counter() - start, 1e-9)))
-
-
 def latency(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median ms per call of each model and median per-round speedup, timed interleaved."""
-    variants = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
-    for fn in variants.values():  # warm-up: allocator, kernels, thread pool
-        for _ in range(3):
-            fn()
-    calls = {key: _calls_per_round(fn) for key, fn in variants.items()}
-    times: dict[str, list[float]] = {key: [] for key in variants}
-    order = list(variants)
-    for r in range(rounds):
-        for key in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            for _ in range(calls[key]):
-                variants[key]()
-            times[key].append((time.perf_counter() - start) / calls[key])
+    times = interleaved_calls({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, rounds)
     return {
         "dense_ms": statistics.median(times["dense"]) * 1e3,
         "sparse_ms": statistics.median(times["sparse"]) * 1e3,
-        "speedup": statistics.median(d / s for d, s in zip(times["dense"], times["sparse"], strict=True)),
+        "speedup": 1 / median_ratios(times, "dense")["sparse"],
     }
 
 

@@ -26,20 +26,17 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from common import interleaved_runs, median_ratios, synthetic_splits
 from prunelab.config.build import build_config
-from prunelab.data import DATASETS, DataSplits
 from prunelab.models import build_model
-from prunelab.runs.experiment import Runtime, run
 from prunelab.sparsity.allocate import global_masks
 from prunelab.sparsity.mask import Masker, prunable_parameters
 from prunelab.sparsity.scores import magnitude
@@ -115,7 +112,7 @@ def measure(name: str, rounds: int, sparsity: float, batch_size: int) -> dict[st
             for i in range(steps):
                 variants[key](*batches[i % len(batches)])
             times[key].append((time.perf_counter() - start) / steps)
-    ratio = {k: statistics.median(t / d for t, d in zip(times[k], times["dense"])) for k in order}
+    ratio = median_ratios(times, "dense")
     return {
         "dense_ms": statistics.median(times["dense"]) * 1e3,
         "masked_over_dense": ratio["masked"],
@@ -124,37 +121,15 @@ def measure(name: str, rounds: int, sparsity: float, batch_size: int) -> dict[st
     }
 
 
-def _subset(dataset: str, n_train: int, n_eval: int = 500) -> DataSplits:
-    """Synthetic images of ``dataset``'s shape (normalized scale) and random labels."""
-    spec = DATASETS.get(dataset)
-    g = torch.Generator().manual_seed(2)
-
-    def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (n, spec.channels, spec.image_size, spec.image_size)
-        return torch.randn(shape, generator=g), torch.randint(0, spec.num_classes, (n,), generator=g)
-
-    (tx, ty), (vx, vy), (ex, ey) = images(n_train), images(n_eval), images(n_eval)
-    return DataSplits(tx, ty, vx, vy, ex, ey, spec)
-
-
 def measure_cycle(name: str, rounds: int, sparsity: float) -> dict[str, float]:
     """Wall time of a whole progressive run against the dense run of the same recipe, interleaved."""
     dataset, epochs, n_train = CYCLES[name]
-    data = _subset(dataset, n_train)
     base = {"model": name, "dataset": dataset, "epochs": epochs, "data.val_size": 500}
     dense = build_config({**base, "method": "dense"})
     configs = {"dense": dense, "dense_again": dense,
                "progressive": build_config({**base, "method": "progressive", "sparsity": sparsity})}
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    order = list(configs)
-    for r in range(-1, rounds):  # round -1: untimed, pays the first run's imports and allocations
-        for key in order[r % len(order):] + order[: r % len(order)]:
-            with tempfile.TemporaryDirectory() as store:
-                start = time.perf_counter()
-                run(configs[key], Runtime(store=Path(store), progress=False, download=False), data)
-                if r >= 0:
-                    times[key].append(time.perf_counter() - start)
-    ratio = {k: statistics.median(t / d for t, d in zip(times[k], times["dense"])) for k in order}
+    times = interleaved_runs(configs, synthetic_splits(dataset, n_train), rounds)
+    ratio = median_ratios(times, "dense")
     return {"dense_cycle_s": statistics.median(times["dense"]), "cycle_over_dense": ratio["progressive"],
             "cycle_noise_floor": ratio["dense_again"]}
 

@@ -158,7 +158,9 @@ def test_sparsify_linears_skips_attention_projections() -> None:
     assert sparsify_linears(attention, threshold=0.5, min_weights=0) == 0
 
 
-def test_benchmark_runs_and_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_runs_and_prints_one_json_object(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # as `python benchmarks/inference.py` has it
     spec = importlib.util.spec_from_file_location("inference_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -134,12 +134,19 @@ def _per_channel(group: Group, member: Member, values: torch.Tensor, dim: int) -
 
 
 def norm_scores(model: nn.Module, group: Group, p: int) -> torch.Tensor:
-    """L1 (``p=1``) or L2 (``p=2``) norm of each channel's filter weights, over every producer in the group."""
+    """Each channel's filter weights by their L1 (``p=1``) or L2 (``p=2``) norm, per weight of the filter
+    (mean |w|, root mean square), summed over every producer in the group.
+
+    Within a layer this ranks as the plain norm does (Li et al. 2017); dividing by the filter's size
+    makes layers comparable in a global ranking, where plain sums would remove the small filters of
+    the first layers first.
+    """
     total = torch.zeros(group.channels, dtype=torch.float64)
     for m, attr, w in _out_parameters(model, group, norms=False):
         if attr == "weight":
-            total += _per_channel(group, m, w.abs() ** p, 0)
-    return total if p == 1 else total.sqrt()
+            per_weight = _per_channel(group, m, w.abs() ** p, 0) / w[0].numel()
+            total += per_weight if p == 1 else per_weight.sqrt()
+    return total
 
 
 def dead_channels(model: nn.Module, groups: Sequence[Group]) -> dict[str, list[int]]:
