@@ -1,15 +1,16 @@
 """prunelab: find sparse neural networks cheaply and compare pruning strategies fairly.
 
 The library API for your own models and loops (the CLI is ``prunelab``):
-:func:`prune` and :class:`ProgressivePruner` to prune; :func:`save_sparse` and
+:func:`prune` and :class:`ProgressivePruner` to prune, :func:`prune_channels` to remove
+whole channels; :func:`save_sparse` and
 :func:`load_sparse` to store a pruned model compactly; :func:`sparse_inference`
 to run it faster on CPU.
 """
 
 from prunelab.deploy.inference import sparse_inference
-from prunelab.sparsity.pruner import ProgressivePruner, prune
+from prunelab.sparsity.pruner import ProgressivePruner, prune, prune_channels
 from prunelab.deploy.sparse_format import load_sparse, save_sparse
 
-__all__ = ["ProgressivePruner", "load_sparse", "prune", "save_sparse", "sparse_inference"]
+__all__ = ["ProgressivePruner", "load_sparse", "prune", "prune_channels", "save_sparse", "sparse_inference"]
 
 __version__ = "0.1.0"

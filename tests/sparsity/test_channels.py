@@ -171,3 +171,25 @@ def test_taylor_is_the_squared_sum_of_w_times_grad_per_channel() -> None:
     assert groups[0].root == "fc1"
     expect = ((fc1.weight * fc1.weight.grad).sum(1) + fc1.bias * fc1.bias.grad).detach().double() ** 2
     assert torch.allclose(scores[0], expect)
+
+
+def test_prune_channels_api_makes_the_model_smaller_and_keeps_training() -> None:
+    import prunelab
+
+    model, x = _model("resnet20")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    y = torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = _count(model)
+    removal = prunelab.prune_channels(model, 0.5, x[:1], optimizer=opt)
+    assert removal and _count(model) <= round(0.5 * before)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # the smaller network trains on
+    opt.step()
+    assert model(x).shape == (4, 10)
+    with pytest.raises(UserError, match="whole channels cannot reach"):
+        prunelab.prune_channels(model, 0.999, x[:1])
+    with pytest.raises(UserError, match="prunelab.prune_channels removes whole channels"):
+        prunelab.prune(model, 0.5, structure="channel")

@@ -97,7 +97,8 @@ def test_allocate_refuses_a_density_below_n_over_m() -> None:
 
 
 def test_groups_that_cannot_be_formed_are_named_with_the_fix() -> None:
-    with pytest.raises(UserError, match=r"conv1\.weight is not a multiple of 4; leave them out with prune.exclude='conv1'"):
+    with pytest.raises(UserError, match=r"conv1\.weight is not a multiple of 4; leave them out with "
+                                        r"--set 'prune.exclude=\[conv1\]'"):
         check_groupable({"conv1.weight": torch.Size([6, 1, 5, 5]), "fc.weight": torch.Size([10, 8])}, NM(2, 4))
 
 

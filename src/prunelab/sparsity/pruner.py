@@ -27,6 +27,8 @@ from torch import nn
 
 from prunelab.errors import UserError
 from prunelab.sparsity.allocate import ALLOCATORS, allocate
+from prunelab.sparsity.channel_cut import choose_channels, remove_channels
+from prunelab.sparsity.channels import find_groups
 from prunelab.sparsity.criteria import CRITERIA, Probe, Target
 from prunelab.sparsity.mask import Masker, Masks, collapsed_layers, mask_sparsity, prunable_parameters
 from prunelab.sparsity.schedules import PolynomialSchedule
@@ -74,6 +76,43 @@ def prune(
     Masker(params).set_masks(masks, optimizer)
     _warn_collapse(masks, set())
     return masks
+
+
+def prune_channels(
+    model: nn.Module,
+    sparsity: float,
+    example_input: torch.Tensor,
+    criterion: str = "magnitude",
+    scope: str = "global",
+    exclude: Sequence[str] = (),
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: Sequence[Batch] = (),
+) -> dict[str, list[int]]:
+    """Remove whole channels and neurons from ``model`` in place, lowest ``criterion`` scores first, until
+    at most ``1 - sparsity`` of its prunable weights are left; return the channels removed (by group).
+
+    The model really gets smaller: its layers are cut, and so are the gradients and the
+    ``optimizer``'s state (momentum, Adam moments), which goes on training the smaller network.
+    Channel groups are found by Torch-Pruning's dependency graph on ``example_input`` (one batch):
+    residual partners go together, the classifier keeps its outputs, and groups that reach a
+    LayerNorm, attention or other layer whose statistics would change are left alone (docs/methods.md,
+    section 8). ``criterion``: ``magnitude`` (L1 per weight of the filter), ``l2``, ``bn_scale`` or
+    ``taylor`` (on ``batches``); ``scope``: ``global`` or ``layerwise``. Raises :class:`UserError` in one
+    sentence when whole channels cannot reach ``sparsity``.
+    """
+    params = _prunable(model, exclude, False)
+    chosen = CRITERIA.get(criterion)
+    chosen.check(CHANNEL)
+    assert chosen.channel is not None
+    if chosen.needs in ("batches", "batch", "balanced") and not batches:
+        raise UserError(f"criterion {criterion!r} needs batches=[(inputs, labels), ...] to score on")
+    groups = find_groups(model, example_input, exclude)
+    keep = round((1.0 - _fraction(sparsity)) * sum(p.numel() for p in params.values()))
+    removal = choose_channels(model, groups, chosen.channel(Probe(model, params, tuple(batches)), groups), params,
+                              keep, scope)
+    remove_channels(model, groups, removal, optimizer)
+    return removal
 
 
 class MagnitudeRamp:
@@ -232,12 +271,12 @@ class ProgressivePruner:
 def _check_structure(params: Mapping[str, nn.Parameter], structure: str, sparsity: float) -> None:
     """The structure's own errors: a sparsity other than ``1 - N/M``, tensors without groups of M."""
     if structure == CHANNEL:
-        raise UserError("prunelab.prune and ProgressivePruner prune single weights or N:M groups; whole "
-                        "channels are removed by `prunelab run --set prune.structure=channel`")
+        raise UserError("prunelab.prune and ProgressivePruner prune single weights or N:M groups; "
+                        "prunelab.prune_channels removes whole channels")
     nm = parse_structure(structure)
     if nm is not None:
         check_sparsity(nm, sparsity, f"pass sparsity={1 - nm.density:.4g}")
-        check_groupable({n: p.shape for n, p in params.items()}, nm, "exclude=")
+        check_groupable({n: p.shape for n, p in params.items()}, nm, api=True)
 
 
 def _fraction(sparsity: float) -> float:

@@ -82,15 +82,16 @@ def ungroupable(shapes: Mapping[str, torch.Size], nm: NM) -> list[str]:
     return [name for name, shape in shapes.items() if len(shape) < 2 or shape[1] % nm.m]
 
 
-def check_groupable(shapes: Mapping[str, torch.Size], nm: NM, exclude: str = "prune.exclude=") -> None:
-    """A :class:`UserError` naming the tensors whose input size is not a multiple of M (``exclude``:
-    how the caller leaves layers out)."""
+def check_groupable(shapes: Mapping[str, torch.Size], nm: NM, api: bool = False) -> None:
+    """A :class:`UserError` naming the tensors whose input size is not a multiple of M, with the
+    setting that leaves them out (``--set`` of the config, or the API's ``exclude=`` when ``api``)."""
     bad = ungroupable(shapes, nm)
     if bad:
-        modules = ", ".join(repr(n.rsplit(".", 1)[0]) for n in bad)
+        modules = [n.rsplit(".", 1)[0] for n in bad]
+        fix = f"exclude={modules}" if api else f"--set 'prune.exclude=[{', '.join(modules)}]'"
         raise UserError(
             f"structure {nm} groups {nm.m} consecutive input weights, but the input size of "
-            f"{', '.join(bad)} is not a multiple of {nm.m}; leave them out with {exclude}{modules}"
+            f"{', '.join(bad)} is not a multiple of {nm.m}; leave them out with {fix}"
         )
 
 
