@@ -57,6 +57,7 @@ study: data
 bench: data
 	$(PY) benchmarks/masking_overhead.py
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,6 +15,7 @@ from prunelab.errors import UserError
 from prunelab.models import build_model
 from prunelab.runs.experiment import Runtime, run
 from prunelab.sparsity.channel_cut import replay_cuts
+from prunelab.sparsity.channels import find_groups
 from prunelab.sparsity.mask import prunable_parameters
 
 TINY = {"data.val_size": 200, "train.batch_size": 100, "epochs": 4}  # 1000 train images: 10 steps/epoch
@@ -84,3 +85,16 @@ def test_a_killed_channel_run_resumes_bit_identical(tiny_data_dir: Path, tmp_pat
 def test_channel_settings_that_cannot_work_are_refused(raw: dict[str, Any], fragment: str) -> None:
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         build_config({"prune.structure": "channel", **raw})
+
+
+def test_layerwise_cuts_in_steps_end_with_the_counts_of_one_cut(tiny_data_dir: Path, tmp_path: Path) -> None:
+    # Cuts every 5 steps; the fraction of every group is taken of the channels it was built with,
+    # so the end is one fraction f of each group (floor(f * channels) gone), as one cut would leave.
+    raw = {**TINY, "model": "lenet5", "method": "progressive", "prune.structure": "channel", "sparsity": 0.7,
+           "method.update_every": 5, "method.end_epoch": 3, "prune.allocation": "layerwise"}
+    summary, _ = run(build_config(raw), _runtime(tmp_path, tiny_data_dir))
+    assert len(summary["channel_cuts"]) >= 3
+    built = {g.root: g.channels for g in find_groups(build_model("lenet5", 1, 28, 10), torch.zeros(1, 1, 28, 28))}
+    gone = {root: sum(len(cut.get(root, ())) for cut in summary["channel_cuts"]) for root in built}
+    fractions = {k / c for c in built.values() for k in range(c)}
+    assert any(all(gone[r] == int(f * c + 1e-9) for r, c in built.items()) for f in fractions), gone

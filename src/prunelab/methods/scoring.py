@@ -20,6 +20,7 @@ from prunelab.sparsity.channel_cut import Removal, choose_channels
 from prunelab.sparsity.channels import Group, find_groups
 from prunelab.sparsity.mask import Masks
 from prunelab.sparsity.structure import CHANNEL
+from prunelab.training.loop import CHANNEL_CUTS
 
 
 def _weights(ctx: Context, name: str, knobs: Mapping[str, Any]) -> Probe:
@@ -80,8 +81,13 @@ def channels_by(ctx: Context, name: str, density: float, settings: object = None
     groups = find_groups(trainer.model, trainer.data.train_x[:1], ctx.cfg.prune.exclude)
     keep = round(density * trainer.dense_total)
     chosen = choose_channels(trainer.model, groups, criterion.channel(probe, groups), trainer.masker.params, keep,
-                             ctx.cfg.prune.allocation)
+                             ctx.cfg.prune.allocation, _built_channels(groups, trainer.extra.get(CHANNEL_CUTS, [])))
     return groups, chosen
+
+
+def _built_channels(groups: list[Group], cuts: list[Removal]) -> dict[str, int]:
+    """Each group's channels as the network was built: those it has plus those earlier cuts removed."""
+    return {g.root: g.channels + sum(len(cut.get(g.root, ())) for cut in cuts) for g in groups}
 
 
 def prune_by(ctx: Context, name: str, density: float, settings: object = None) -> None:

@@ -65,18 +65,23 @@ def choose_channels(
     prunable: Mapping[str, torch.Tensor],
     keep: int,
     allocation: str,
+    built: Mapping[str, int] | None = None,
 ) -> Removal:
     """The lowest-scoring channels whose removal leaves at most ``keep`` of the ``prunable`` weights.
 
     ``global``: one ranking over all scored channels (ties: group order, then
     channel), removed one by one until the count is reached, so it is passed
     by less than one channel's weights; ``layerwise``: the smallest equal
-    fraction of every scored group's channels that reaches it. Every group
-    keeps at least one channel; groups scored None are not touched.
+    fraction of every scored group's channels that reaches it, a fraction of
+    the channels each group was ``built`` with (by root; default: those it has
+    now), so that a run cutting in several steps ends with the channel counts
+    of one cut (8 of 16, not 7). Every group keeps at least one channel;
+    groups scored None are not touched.
     """
     order = {i: torch.sort(s, stable=True).indices.tolist() for i, s in enumerate(scores) if s is not None}
     if allocation == "layerwise":
-        counts = _layerwise_counts(model, groups, order, prunable, keep)
+        sizes = {i: (built or {}).get(groups[i].root, groups[i].channels) for i in order}
+        counts = _layerwise_counts(model, groups, order, prunable, keep, sizes)
         return {groups[i].root: sorted(order[i][:k]) for i, k in counts.items() if k}
     if allocation != "global":
         raise UserError(f"prune.structure=channel allocates 'global' or 'layerwise', got {allocation!r}")
@@ -97,11 +102,13 @@ def choose_channels(
 
 
 def _layerwise_counts(model: nn.Module, groups: Sequence[Group], order: Mapping[int, list[int]],
-                      prunable: Mapping[str, torch.Tensor], keep: int) -> dict[int, int]:
-    """Channels to remove per group: the smallest fraction f whose floor(f * channels) per group is enough."""
+                      prunable: Mapping[str, torch.Tensor], keep: int, sizes: Mapping[int, int]) -> dict[int, int]:
+    """Channels to remove now per group: the smallest fraction f such that leaving ``sizes[i]`` minus
+    floor(f * ``sizes[i]``) channels in every group is enough (``sizes``: the groups as built)."""
 
     def counts_at(f: float) -> dict[int, int]:
-        return {i: min(int(f * groups[i].channels + 1e-9), groups[i].channels - 1) for i in order}
+        gone = {i: sizes[i] - groups[i].channels for i in order}  # removed by earlier cuts
+        return {i: max(0, min(int(f * sizes[i] + 1e-9) - gone[i], groups[i].channels - 1)) for i in order}
 
     def left(counts: Mapping[int, int]) -> int:
         count = WeightCount(model, groups, prunable)
@@ -110,7 +117,7 @@ def _layerwise_counts(model: nn.Module, groups: Sequence[Group], order: Mapping[
                 count.take(i, c)
         return count.total
 
-    fractions = sorted({k / groups[i].channels for i in order for k in range(groups[i].channels)})
+    fractions = sorted({k / sizes[i] for i in order for k in range(sizes[i])})
     lo, hi = 0, len(fractions) - 1  # binary search: the weights left fall as the fraction grows
     _check_reached(left(counts_at(fractions[hi])), keep)
     while lo < hi:

@@ -79,7 +79,8 @@ def find_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] 
     names = {m: n for n, m in model.named_modules()}
     last = dict(model.named_modules())[classifier_name(model, example)]
     with eval_mode(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        # A tuple: Torch-Pruning calls model(*example_inputs), which would unpack a bare batch.
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example,))
     groups = []
     for tp_group in graph.get_all_groups(ignored_layers=[last], root_module_types=(*_CONV, nn.Linear)):
         members = _members(graph, tp_group, names)
