@@ -47,10 +47,11 @@ test-integration: data
 test-all: data
 	$(PY) -m pytest -q -m ''
 
-# The seeds' comparison on Fashion-MNIST (about 2 hours on 2 cores; resumable: run it again).
+# The seeds' comparison on Fashion-MNIST (about 4 hours on 2 cores; resumable: run it again).
 STUDY_STORE ?= runs/study
 study: data
 	-$(VENV)/bin/prunelab sweep studies/seeds-fashion-mnist.yaml --store $(STUDY_STORE) --no-progress
+	-$(VENV)/bin/prunelab sweep studies/seeds-fashion-mnist-hybrid.yaml --store $(STUDY_STORE) --no-progress
 	-$(VENV)/bin/prunelab sweep studies/seeds-fashion-mnist-lenet5.yaml --store $(STUDY_STORE) --no-progress
 	$(VENV)/bin/prunelab report --store $(STUDY_STORE) --out docs/results/seeds-fashion-mnist
 

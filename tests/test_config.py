@@ -8,6 +8,7 @@ import pytest
 
 from prunelab.config.build import build_config, load_config, parse_set
 from prunelab.config.identity import non_default, run_id
+from prunelab.runs.sweep import expand, read_sweep
 from prunelab.config.schema import RunConfig
 from prunelab.errors import UserError
 
@@ -123,6 +124,13 @@ def test_bad_yaml_files(tmp_path: Path, text: str) -> None:
 def test_missing_yaml_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_studies_expand() -> None:
+    studies = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+    assert studies
+    for path in studies:
+        assert expand(read_sweep(path)), path  # every point builds a valid config
 
 
 def test_shipped_examples_load() -> None:
