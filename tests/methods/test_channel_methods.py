@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import interrupted_then_resumed
+from prunelab.cli.output import print_summary
 from prunelab.config.build import build_config
 from prunelab.errors import UserError
 from prunelab.models import build_model
@@ -41,7 +42,8 @@ def _rebuilt(summary: dict[str, Any], store: Path) -> torch.nn.Module:
 ])
 @pytest.mark.parametrize("model", ["lenet300", "lenet5"])
 def test_channel_runs_remove_channels_and_never_miss_the_target(
-    model: str, method: str, extra: dict[str, Any], tiny_data_dir: Path, tmp_path: Path
+    model: str, method: str, extra: dict[str, Any], tiny_data_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = build_config({**TINY, "model": model, "method": method, "prune.structure": "channel", "sparsity": 0.5,
                         **extra})
@@ -57,6 +59,10 @@ def test_channel_runs_remove_channels_and_never_miss_the_target(
     assert rebuilt(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     # Every epoch after a cut is counted at the smaller network's FLOPs.
     assert summary["train_flops"] < summary["dense_train_flops"]
+    if method == "progressive" and model == "lenet5" and not extra:  # `prunelab show` names the channel fields
+        print_summary(summary, as_json=False)
+        shown = capsys.readouterr().out
+        assert f"channel sparsity              {summary['channel_sparsity']:.4f}" in shown
 
 
 def test_a_killed_channel_run_resumes_bit_identical(tiny_data_dir: Path, tmp_path: Path,

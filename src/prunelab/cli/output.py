@@ -33,6 +33,8 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     rows = [
         ("run", s.run_id), ("method", s.method), ("model", s.model), ("dataset", s.dataset), ("seed", s.seed),
         ("target sparsity", s.target_sparsity), ("sparsity (from weights)", s.sparsity),
+        *([("channel sparsity", s.channel_sparsity), ("channel cuts", len(s.channel_cuts or []))]
+          if s.channel_sparsity is not None else []),
         ("test accuracy (final)", s.test_acc), ("val accuracy (final)", s.val_acc),
         ("test accuracy (val-selected)", s.selected_test_acc), ("selected epoch", s.selected_epoch),
         ("epochs trained", s.epochs), ("optimizer steps", s.steps), ("wall time (s)", s.wall_s),
