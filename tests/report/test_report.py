@@ -182,7 +182,7 @@ def test_table_has_exact_mean_and_sample_std(store_root: Path, tmp_path: Path) -
     assert prog[5] == "93.00 ± 2.65"
     assert prog[3] == "3" and prog[2] == "90.00%"
     assert prog[6] == "12.0"  # 1.2e12 FLOPs / (3e12 / 30 epochs)
-    hybrid = by_key[("iterative (method.settings.schedule=hybrid)", "90%")]
+    hybrid = by_key[("iterative (method.schedule=hybrid)", "90%")]
     assert hybrid[6] == "40.0" and hybrid[7] == "60" and hybrid[10] == "1"
     assert by_key[("oneshot", "90%")][4].endswith("± " + f"{statistics.stdev([0.85, 0.85]) * 100:.2f}")
     # dense first, then methods alphabetically, then sparsity; failed/running runs are not rows
@@ -221,8 +221,8 @@ def test_warnings_list_failed_collapse_few_seeds_missed_and_unfinished(store_roo
 def test_variant_labels_name_only_the_differing_fields(store_root: Path) -> None:
     table = build_tables(Store(store_root).records())[0]
     assert table.labels == [
-        "dense", "iterative (method.settings.schedule=geometric)",
-        "iterative (method.settings.schedule=hybrid)", "oneshot", "progressive"]
+        "dense", "iterative (method.schedule=geometric)",
+        "iterative (method.schedule=hybrid)", "oneshot", "progressive"]
 
 
 def test_mask_iou_identical_and_disjoint() -> None:
@@ -239,7 +239,7 @@ def test_report_mask_overlap_table(store_root: Path, tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     rows = md_table(md, "### Mask overlap (IoU) at sparsity 90%")
     header, body = rows[0], {r[0]: dict(zip(rows[0][1:], r[1:])) for r in rows[1:]}
-    hybrid, geometric = "iterative (method.settings.schedule=hybrid)", "iterative (method.settings.schedule=geometric)"
+    hybrid, geometric = "iterative (method.schedule=hybrid)", "iterative (method.schedule=geometric)"
     assert set(header[1:]) == {hybrid, geometric, "oneshot", "progressive"}
     assert body["progressive"][hybrid] == "1.000"
     assert body["progressive"][geometric] == "0.000"
@@ -263,6 +263,7 @@ def test_filter_records(store_root: Path) -> None:
     assert at_90 and {r.target_sparsity for r in at_90} == {0.9}
     hybrid = filter_records(records, {"method.settings.schedule": "hybrid"})
     assert len(hybrid) == 3 and all(r.config["method"]["settings"]["schedule"] == "hybrid" for r in hybrid)
+    assert filter_records(records, {"method.schedule": "hybrid"}) == hybrid  # as --set spells it
     assert len(filter_records(records, {"epochs": "30", "seed": "1", "method": "dense"})) == 1
     assert filter_records(records, {"train.epochs": "31"}) == []
     assert filter_records(records, {}) == records
@@ -280,7 +281,10 @@ def test_normalize_compares_numbers_as_numbers() -> None:
 def test_write_report_with_filter_and_errors(store_root: Path, tmp_path: Path) -> None:
     write_report(store_root, tmp_path / "f", where={"method": "progressive"})
     rows = md_table((tmp_path / "f" / "report.md").read_text(), "### Results")
-    assert {r[0] for r in rows[1:]} == {"progressive"}
+    assert {r[0] for r in rows[1:]} == {"dense", "progressive"}  # the baseline is always shown
+    write_report(store_root, tmp_path / "s", where={"sparsity": "0.9", "seed": "1"})
+    rows = md_table((tmp_path / "s" / "report.md").read_text(), "### Results")
+    assert ("dense", "0%") in {(r[0], r[1]) for r in rows[1:]} and all(r[3] == "1" for r in rows[1:])
     with pytest.raises(UserError, match="no run"):
         write_report(store_root, tmp_path / "g", where={"method": "lottery"})
     with pytest.raises(UserError, match="no run store"):

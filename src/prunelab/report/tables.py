@@ -74,13 +74,40 @@ def _field_value(record: RunRecord, field: str, flat: Mapping[str, Any]) -> tupl
     return (True, flat[field]) if field in flat else (False, None)
 
 
+def config_path(field: str) -> str:
+    """A field as the stored config spells it: ``method.power`` is ``method.settings.power`` there."""
+    field = FILTER_ALIASES.get(field, field)
+    if field.startswith("method.") and field != "method.name" and not field.startswith("method.settings."):
+        return "method.settings." + field[len("method."):]
+    return field
+
+
+def user_path(path: str) -> str:
+    """A stored config path as a user writes it (``--set method.power=3``): the inverse of :func:`config_path`."""
+    return "method." + path[len("method.settings."):] if path.startswith("method.settings.") else path
+
+
+# Filters that a dense run (the baseline) need not match to be shown: it has no method settings and no target.
+_BASELINE_FREE = ("method", "target_sparsity")
+
+
+def with_baseline(records: Iterable[RunRecord], kept: Sequence[RunRecord], where: Mapping[str, str] | None
+                  ) -> list[RunRecord]:
+    """``kept`` plus the dense runs of ``records`` that match every ``where`` field other than the method,
+    the sparsity and method settings: the baseline is shown whatever the filter picks."""
+    rest = {k: v for k, v in (where or {}).items()
+            if config_path(k) not in _BASELINE_FREE and not config_path(k).startswith("method.settings.")}
+    dense = [r for r in filter_records([r for r in records if r.method == "dense"], rest) if r not in kept]
+    return [*kept, *dense]
+
+
 def filter_records(records: Iterable[RunRecord], where: Mapping[str, str] | None) -> list[RunRecord]:
     """The records whose every ``where`` field equals its value (compared by :func:`normalize`).
 
     Fields: the index fields (method, model, dataset, seed, target_sparsity, status,
-    run_id), dotted config paths (train.epochs, method.settings.schedule), and the
-    aliases sparsity, epochs, lr, batch_size. A record lacking a config path does
-    not match; a field that no record has is a :class:`UserError`.
+    run_id), dotted config paths (train.epochs, method.power or method.settings.power),
+    and the aliases sparsity, epochs, lr, batch_size. A record lacking a config path
+    does not match; a field that no record has is a :class:`UserError`.
     """
     records = list(records)
     if not where:
@@ -89,7 +116,7 @@ def filter_records(records: Iterable[RunRecord], where: Mapping[str, str] | None
     known = set(INDEX_FIELDS).union(*(f.keys() for f in flats)) if flats else set(INDEX_FIELDS)
     wanted: list[tuple[str, str]] = []
     for raw_field, value in where.items():
-        field = FILTER_ALIASES.get(raw_field, raw_field)
+        field = config_path(raw_field)
         if records and field not in known:
             choices = sorted(known | set(FILTER_ALIASES))
             close = difflib.get_close_matches(raw_field, choices, n=1)
@@ -244,7 +271,7 @@ def _labels(keys: Sequence[tuple[tuple[str, str], ...]], method: str) -> dict[tu
     differing = [p for p in paths if len({d.get(p, "unset") for d in dicts}) > 1]
     labels = {}
     for key, d in zip(keys, dicts):
-        parts = [f"{p}={d.get(p, 'unset')}" for p in differing]
+        parts = [f"{user_path(p)}={d.get(p, 'unset')}" for p in differing]
         labels[key] = f"{method} ({', '.join(parts)})" if parts else method
     return labels
 

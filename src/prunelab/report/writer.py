@@ -11,7 +11,7 @@ from prunelab.report import plots
 from prunelab.report.document import Block, Bullets, Heading, Image, Para, TableBlock, to_html, to_markdown
 from prunelab.report.masks import iou_matrix, layer_densities, load_mask
 from prunelab.report.references import Reference, references_for
-from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records
+from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records, with_baseline
 from prunelab.io import atomic_write_bytes
 from prunelab.runs.store import INDEX, RunRecord, Store
 
@@ -44,16 +44,19 @@ def write_report(
 ) -> list[Path]:
     """Write ``report.md``, a self-contained ``report.html`` and every plot (PNG and SVG) into ``out``.
 
-    ``where`` keeps only matching runs (see :func:`~prunelab.report.filter_records`);
+    ``where`` keeps only matching runs (see :func:`~prunelab.report.filter_records`) and the dense
+    runs of the same recipe (the baseline is always shown);
     ``layer_sparsity`` is the target sparsity of the per-layer and mask-overlap views
     (default: the highest one shared by the most methods). Returns the written paths.
     """
     store_root, out = Path(store_root), Path(out)
     if not (store_root / INDEX).exists():
         raise UserError(f"there is no run store at {store_root} (no {INDEX})")
-    records = filter_records(Store.reader(store_root).records(), where)
+    everything = Store.reader(store_root).records()
+    records = filter_records(everything, where)
     if not records:
         raise UserError(f"no run in the store at {store_root} matches {_where_text(where)}")
+    records = with_baseline(everything, records, where)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(records)
     written: list[Path] = []
