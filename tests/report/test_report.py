@@ -319,3 +319,24 @@ def test_published_numbers_overlaid_for_resnet18_cifar10(tmp_path: Path) -> None
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "published: progressive, seed 1" in legend and "published: one-shot vs iterative, seed 2" in legend
     assert references_for("lenet300", "fashion-mnist") == []
+
+
+def test_mask_overlap_compares_variants_of_one_seed(store_root: Path, tmp_path: Path) -> None:
+    write_report(store_root, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    match = re.search(r"Masks of seed (\d+) of each variant at target sparsity (\d+)%", text)
+    assert match is not None
+    seed, at = int(match[1]), int(match[2]) / 100
+    rows = [r for r in build_tables(Store(store_root).records())[0].rows if r.target == at and r.method != "dense"]
+    with_seed = [r for r in rows if seed in {run.seed for run in r.runs}]
+    # The seed is the lowest that every variant has, when they share one.
+    shared = set.intersection(*({run.seed for run in r.runs} for r in rows))
+    assert seed == min(shared) if shared else with_seed
+
+
+@pytest.mark.parametrize(("width_pt", "style"), [(648.0, "width: 100%"), (432.0, "width: min(100%, 720px)")])
+def test_wide_plots_take_the_page_width(tmp_path: Path, width_pt: float, style: str) -> None:
+    from prunelab.report.document import Image, to_html
+
+    (tmp_path / "p.svg").write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_pt}pt" height="300pt"/>')
+    assert f'style="{style}"' in to_html([Image(tmp_path, "p", "a plot")], "t")

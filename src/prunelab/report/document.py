@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,20 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+# Plots at least this wide (in points, 8 in) take the page's width; narrower ones (heatmaps) grow by a
+# quarter, no wider than the page: at their own size the wide plots filled two thirds of it.
+_WIDE_PT = 576.0
+
+
+def _image_width(svg: bytes) -> str:
+    """The CSS width of a plot, from the width matplotlib wrote into its SVG (in points)."""
+    match = re.search(rb'<svg[^>]*\swidth="([0-9.]+)pt"', svg)
+    if match is None:
+        return "max-width: 100%"
+    width = float(match[1])
+    return "width: 100%" if width >= _WIDE_PT else f"width: min(100%, {width * 4 / 3 * 1.25:.0f}px)"
+
+
 def to_html(blocks: Sequence[Block], title: str) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
@@ -109,7 +124,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(block, Image):
             svg = (block.folder / f"{block.stem}.svg").read_bytes()
             data = base64.b64encode(svg).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(block.caption)}" '
+            out.append(f'<figure><img alt="{html.escape(block.caption)}" style="{_image_width(svg)}" '
                        f'src="data:image/svg+xml;base64,{data}">'
                        f"<figcaption>{_inline(block.caption)}</figcaption></figure>")
     out += ["</body>", "</html>"]

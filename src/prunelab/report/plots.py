@@ -105,7 +105,7 @@ def accuracy_vs_density(
     with style():
         fig = new_figure(9.0, 4.8)
         ax = fig.add_subplot()
-        densities = [1.0]
+        densities: list[float] = []
         points: list[tuple[float, float, float, str]] = []  # (x, mean, std, label) of every plotted mean
         for label in table.labels:
             rows = [r for r in table.rows_of(label) if _acc(r) is not None]
@@ -133,9 +133,12 @@ def accuracy_vs_density(
                 color="black", capsize=2, label=f"published: {source}",
             )
         _mark_outliers(ax, points)
-        ax.set_xlim(1.25, min(densities) * 0.8)  # inverted: dense on the left; before the log scale,
-        ax.set_xscale("log")  # so that a single x never autoscales to a singular range
-        ticks = sorted({1.0 - t for t in table.targets} | {1.0})
+        # Inverted (dense on the left), with a margin, set before the log scale so that a single x
+        # never autoscales to a singular range. Dense is the band; no empty tick stands for it.
+        densities = densities or [1.0]
+        ax.set_xlim(max(densities) * 1.25, min(densities) * 0.8)
+        ax.set_xscale("log")
+        ticks = sorted({1.0 - t for t in table.targets if t > 0} or {1.0})
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks(ticks, [pct(1.0 - d) for d in ticks], rotation=45)
         ax.set_xlabel("target sparsity (x: weights remaining, log scale)")
@@ -167,8 +170,8 @@ def accuracy_vs_cost(table: Table, colors: Mapping[str, tuple[float, ...]]) -> F
             front = [points[i] for i in pareto_front(points)]
             if front:
                 xs, ys = [p[0] for p in front], [p[1] for p in front]
-                right = max(p[0] for p in points) * 1.6
-                ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", lw=1, alpha=0.7)
+                # From the first to the last point of the front, not on past it to the edge.
+                ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.7)
                 ax.scatter(xs, ys, s=110, facecolors="none", edgecolors="black", lw=1.2, zorder=3)
             costs = [p[0] for p in points] + [r.cost for r in dense if target > 0]
             if costs:  # a fixed margin, set before the log scale so a single cost is not a singular range
@@ -221,7 +224,8 @@ def layer_density(
                       rotation=60, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylabel("density (fraction of weights kept)")
-        fig.suptitle(title)
+        # The title over the axes and the legend beside them: a figure-level title met the legend.
+        ax.set_title(title)
         fig.legend(loc="outside right upper", fontsize=7, frameon=False)
     return fig
 

@@ -198,8 +198,16 @@ def _mask_sections(
     masks: dict[str, dict] = {}
     missing = []
     store = Store.reader(store_root)
+    # One seed for every variant, so that the overlap compares methods, not initialisations: the
+    # lowest seed they all have (else the lowest of any; variants without it are named).
+    seeds = [{r.seed for r in row.runs} for row in rows]
+    common = set.intersection(*seeds) if seeds else set()
+    seed = min(common or set().union(*seeds) or {0})
     for row in rows:
-        run = row.runs[0]  # the lowest seed
+        run = next((r for r in row.runs if r.seed == seed), None)
+        if run is None:
+            missing.append(f"{row.label} (no run with seed {seed})")
+            continue
         try:
             mask = load_mask(store, run.run_id)
         except UserError as exc:  # a damaged run is named, never drawn
@@ -210,7 +218,9 @@ def _mask_sections(
         else:
             masks[row.label] = mask
     blocks: list[Block] = [Heading(3, f"Per-layer density at sparsity {at}"),
-                           Para(f"Masks of the lowest seed of each variant at target sparsity {at}.")]
+                           Para(f"Masks of seed {seed} of each variant at target sparsity {at} (the lowest "
+                                "seed they all have, so that the overlap below compares methods from the same "
+                                "initialisation).")]
     if missing:
         blocks.append(Para("No usable mask.pt for: " + ", ".join(missing) + "."))
     if channels:
@@ -236,7 +246,7 @@ def _mask_sections(
     stem = f"{_slug(table)}_mask_iou"
     written += plots.save(plots.iou_heatmap(labels, matrix, f"IoU of kept weights at sparsity {at}"), out, stem)
     blocks.append(Image(out, stem, f"Intersection over union of kept weights between variants at sparsity {at} "
-                                   "(lowest seed of each); 1 = the same mask, 0 = disjoint"))
+                                   f"(seed {seed} of each); 1 = the same mask, 0 = disjoint"))
     blocks.append(TableBlock(("", *labels), tuple(
         (label, *(f"{v:.3f}" for v in matrix[i])) for i, label in enumerate(labels))))
     return blocks
