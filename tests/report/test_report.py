@@ -179,11 +179,13 @@ def test_table_has_exact_mean_and_sample_std(store_root: Path, tmp_path: Path) -
     prog = by_key[("progressive", "90%")]
     mean, std = statistics.fmean(PROG_ACC) * 100, statistics.stdev(PROG_ACC) * 100  # 92.00, 2.65
     assert prog[4] == f"{mean:.2f} ± {std:.2f}" == "92.00 ± 2.65"
-    assert prog[5] == "93.00 ± 2.65"
+    assert prog[5] == "+1.90"  # the dense runs' mean is 90.10%
+    assert by_key[("dense", "0%")][5] == "n/a"
+    assert prog[6] == "93.00 ± 2.65"
     assert prog[3] == "3" and prog[2] == "90.00%"
-    assert prog[6] == "12.0"  # 1.2e12 FLOPs / (3e12 / 30 epochs)
+    assert prog[7] == "12.0"  # 1.2e12 FLOPs / (3e12 / 30 epochs)
     hybrid = by_key[("iterative (method.schedule=hybrid)", "90%")]
-    assert hybrid[6] == "40.0" and hybrid[7] == "60" and hybrid[10] == "1"
+    assert hybrid[7] == "40.0" and hybrid[8] == "60" and hybrid[11] == "1"
     assert by_key[("oneshot", "90%")][4].endswith("± " + f"{statistics.stdev([0.85, 0.85]) * 100:.2f}")
     # dense first, then methods alphabetically, then sparsity; failed/running runs are not rows
     assert [r[0] for r in rows[1:]][0] == "dense"

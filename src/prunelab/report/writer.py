@@ -31,7 +31,7 @@ PROTOCOL = (
 
 RESULT_HEADERS = (
     "method / variant", "target sparsity", "achieved sparsity", "seeds", "final test acc. (%)",
-    "val-selected test acc. (%)", "cost (dense epochs)", "epochs", "train FLOPs", "wall (s)",
+    "vs dense (points)", "val-selected test acc. (%)", "cost (dense epochs)", "epochs", "train FLOPs", "wall (s)",
     "reused runs", "ITOP (%)", "moved",
 )
 
@@ -107,6 +107,20 @@ def _reused(row: Row) -> str:
     return "n/a" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
+# The config paths that make a recipe: a variant is compared with the dense run that shares them.
+_RECIPE = ("train.", "data.", "model.")
+
+
+def _vs_dense(table: Table, row: Row) -> str:
+    """Mean final test accuracy minus that of the dense run of the same recipe, in points ("n/a" without one)."""
+    recipe = {k: v for k, v in row.variant if k.startswith(_RECIPE)}
+    dense = [d for d in table.rows if d.method == "dense"
+             and {k: v for k, v in d.variant if k.startswith(_RECIPE)} == recipe]
+    if row.method == "dense" or len(dense) != 1 or row.test[0] is None or dense[0].test[0] is None:
+        return "n/a"
+    return f"{100 * (row.test[0] - dense[0].test[0]):+.2f}"
+
+
 def result_rows(table: Table) -> list[tuple[str, ...]]:
     """The cells of the results table, one tuple per row of ``table``."""
     cells = []
@@ -117,7 +131,7 @@ def result_rows(table: Table) -> list[tuple[str, ...]]:
         achieved = row.achieved
         cells.append((
             row.label, plots.pct(row.target), "n/a" if achieved is None else f"{100 * achieved:.2f}%",
-            str(len(row.runs)), _pm(*row.test), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
+            str(len(row.runs)), _pm(*row.test), _vs_dense(table, row), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
             _num(row.flops, ".2e"), _num(row.wall, ".1f"), _reused(row),
             "n/a" if row.itop is None else f"{100 * row.itop:.1f}", _num(row.moved, ".0f"),
         ))
