@@ -342,3 +342,18 @@ def test_wide_plots_take_the_page_width(tmp_path: Path, width_pt: float, style: 
 
     (tmp_path / "p.svg").write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_pt}pt" height="300pt"/>')
     assert f'style="{style}"' in to_html([Image(tmp_path, "p", "a plot")], "t")
+
+
+def test_training_curves_of_one_grid_cell(tmp_path: Path) -> None:
+    store = Store(tmp_path / "runs")
+    for method, sparsity in (("dense", 0.0), ("progressive", 0.9), ("oneshot", 0.9)):
+        for seed in (0, 1):
+            rid = add_run(store, method, sparsity, seed)
+            for epoch in range(1, 4):
+                store.folder(rid).append_metrics({"cycle": 0, "epoch": epoch, "val_acc": 0.8 + 0.01 * epoch,
+                                                  "mask_sparsity": sparsity * epoch / 3})
+    written = write_report(tmp_path / "runs", tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "### Training curves at sparsity 90%" in text
+    assert "at target sparsity 90% and of the dense run, seed 0" in text
+    assert tmp_path / "out" / "lenet300_fashion-mnist_epochs.png" in written

@@ -248,3 +248,27 @@ def iou_heatmap(labels: Sequence[str], matrix: Sequence[Sequence[float]], title:
         fig.colorbar(image, ax=ax, label="IoU of kept weights")
         ax.set_title(title)
     return fig
+
+
+def epoch_curves(
+    series: Mapping[str, Sequence[Mapping[str, Any]]], colors: Mapping[str, tuple[float, ...]], title: str
+) -> Figure:
+    """Validation accuracy and mask sparsity against the epochs of each run (every cycle, in order)."""
+    with style():
+        fig = new_figure(10.0, 3.6)
+        acc_ax, sparsity_ax = fig.subplots(1, 2)
+        for label, records in series.items():
+            xs = range(1, len(records) + 1)
+            acc = [100 * r["val_acc"] if r.get("val_acc") is not None else math.nan for r in records]
+            # Records written before the field's rename call it "sparsity".
+            sparsity = [100 * r.get("mask_sparsity", r.get("sparsity", math.nan)) for r in records]
+            acc_ax.plot(xs, acc, color=colors[label], lw=1.2, label=label)
+            sparsity_ax.plot(xs, sparsity, color=colors[label], lw=1.2)
+        acc_ax.set_ylabel("validation accuracy (%)")
+        sparsity_ax.set_ylabel("sparsity of the masks (%)")
+        for ax in (acc_ax, sparsity_ax):
+            ax.set_xlabel("epoch of the run (all its cycles, pretraining excluded)")
+        fig.suptitle(title)
+        fig.legend(loc="outside right upper", fontsize=7, frameon=False)
+    return fig
+

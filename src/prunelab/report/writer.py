@@ -169,6 +169,7 @@ def _table_section(
                         "one panel per target sparsity; the step line is the Pareto front "
                         "(best accuracy for at most that cost), its points circled"))
 
+    blocks += _curves_section(table, store_root, out, layer_sparsity, colors, written)
     blocks += _mask_sections(table, store_root, out, layer_sparsity, colors, written)
     blocks += [Heading(3, "Runs"), TableBlock(
         ("method / variant", "target sparsity", "seed: run id", "reused runs (ids)"),
@@ -194,6 +195,41 @@ def _references(table: Table, refs: Sequence[Reference]) -> list[Block]:
     ]
 
 
+def shared_seed(rows: Sequence[Row]) -> int:
+    """One seed for every variant, so that views of single runs compare methods, not initialisations:
+    the lowest seed they all have (else the lowest of any; variants without it are then named)."""
+    seeds = [{r.seed for r in row.runs} for row in rows]
+    common = set.intersection(*seeds) if seeds else set()
+    return min(common or set().union(*seeds) or {0})
+
+
+def _curves_section(
+    table: Table, store_root: Path, out: Path, wanted: float | None,
+    colors: Mapping[str, tuple[float, ...]], written: list[Path],
+) -> list[Block]:
+    """Validation accuracy and sparsity against epoch for the runs of one grid cell (one seed), dense included."""
+    sparsity = choose_sparsity(table, wanted)
+    if sparsity is None:
+        return []
+    rows = [r for r in table.rows if r.target == sparsity or r.method == "dense"]
+    seed = shared_seed(rows)
+    store = Store.reader(store_root)
+    series = {}
+    for row in rows:
+        run = next((r for r in row.runs if r.seed == seed), None)
+        records = store.folder(run.run_id).metrics() if run is not None else []
+        if records:
+            series[row.label] = records
+    if not series:
+        return []
+    at, stem = plots.pct(sparsity), f"{_slug(table)}_epochs"
+    written += plots.save(plots.epoch_curves(series, colors, f"{table.model} on {table.dataset}: the runs at "
+                                             f"sparsity {at}, seed {seed}"), out, stem)
+    return [Heading(3, f"Training curves at sparsity {at}"),
+            Image(out, stem, f"Validation accuracy and the masks' sparsity after every epoch of each run at "
+                             f"target sparsity {at} and of the dense run, seed {seed}")]
+
+
 def _mask_sections(
     table: Table, store_root: Path, out: Path, wanted: float | None,
     colors: Mapping[str, tuple[float, ...]], written: list[Path],
@@ -212,11 +248,7 @@ def _mask_sections(
     masks: dict[str, dict] = {}
     missing = []
     store = Store.reader(store_root)
-    # One seed for every variant, so that the overlap compares methods, not initialisations: the
-    # lowest seed they all have (else the lowest of any; variants without it are named).
-    seeds = [{r.seed for r in row.runs} for row in rows]
-    common = set.intersection(*seeds) if seeds else set()
-    seed = min(common or set().union(*seeds) or {0})
+    seed = shared_seed(rows)
     for row in rows:
         run = next((r for r in row.runs if r.seed == seed), None)
         if run is None:
