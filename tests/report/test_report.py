@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -357,3 +358,32 @@ def test_training_curves_of_one_grid_cell(tmp_path: Path) -> None:
     assert "### Training curves at sparsity 90%" in text
     assert "at target sparsity 90% and of the dense run, seed 0" in text
     assert tmp_path / "out" / "lenet300_fashion-mnist_epochs.png" in written
+
+
+def test_welch_interval_by_hand() -> None:
+    from prunelab.report.stats import welch
+
+    # The reference does not vary, so Welch's degrees of freedom are n - 1 = 2, t(0.975, 2) = 4.302653.
+    found = welch([0.90, 0.91, 0.95], [0.85, 0.85])
+    half = 4.302652729911275 * math.sqrt(statistics.variance([0.90, 0.91, 0.95]) / 3)
+    assert found is not None and math.isclose(found.difference, 0.07, abs_tol=1e-12)
+    assert math.isclose(found.low, 0.07 - half, rel_tol=1e-9) and math.isclose(found.high, 0.07 + half, rel_tol=1e-9)
+    assert found.verdict == "better" and found.seeds == 2
+    assert welch([0.9], [0.8, 0.85]) is None
+    same = welch([0.8, 0.9], [0.81, 0.89])
+    assert same is not None and same.verdict == "no detectable difference at 2 seeds"
+
+
+def test_report_compares_every_variant_with_the_reference(store_root: Path, tmp_path: Path) -> None:
+    write_report(store_root, tmp_path)
+    rows = md_table((tmp_path / "report.md").read_text(), "### Results")
+    header = rows[0]
+    diff, verdict = header.index("vs progressive (points, 95% CI)"), header.index("vs progressive: verdict")
+    by_key = {(r[0], r[1]): r for r in rows[1:]}
+    oneshot = by_key[("oneshot", "90%")]  # 0.85, 0.85 against 0.90, 0.91, 0.95
+    half = 100 * 4.302652729911275 * math.sqrt(statistics.variance(PROG_ACC) / 3)
+    assert oneshot[diff] == f"-7.00 [{-7.0 - half:+.2f}, {-7.0 + half:+.2f}]" and oneshot[verdict] == "worse"
+    assert by_key[("progressive", "90%")][diff] == "—" and by_key[("dense", "0%")][verdict] == "—"
+    write_report(store_root, tmp_path / "b", reference="oneshot")
+    header = md_table((tmp_path / "b" / "report.md").read_text(), "### Results")[0]
+    assert "vs oneshot: verdict" in header

@@ -128,7 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from prunelab.report import write_report
 
     where = dict(key_value(item, "--where", "field=value") for item in args.where)
-    paths = write_report(store_dir(args.store), args.out, where, args.layer_sparsity)
+    paths = write_report(store_dir(args.store), args.out, where, args.layer_sparsity, args.reference)
     if args.json:
         print(json_text([str(p) for p in paths]))
     else:

@@ -123,6 +123,8 @@ def _add_report_and_store(sub: Subparsers) -> None:
     rep.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
                      help="keep runs whose field equals value, e.g. --where model=lenet300 (repeatable)")
     rep.add_argument("--layer-sparsity", type=float, help="sparsity for the per-layer and mask-overlap plots")
+    rep.add_argument("--reference", default="progressive",
+                     help="method every variant is compared with (Welch's 95%% interval); default progressive")
     _add_store_options(rep)
 
     sto = sub.add_parser("store", help="maintain a store: rebuild its index from the run folders")

@@ -11,6 +11,7 @@ from prunelab.report import plots
 from prunelab.report.document import Block, Bullets, Heading, Image, Para, TableBlock, to_html, to_markdown
 from prunelab.report.masks import iou_matrix, layer_densities, load_mask
 from prunelab.report.references import Reference, references_for
+from prunelab.report.stats import REFERENCE, compare_cells
 from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records, with_baseline
 from prunelab.io import atomic_write_bytes
 from prunelab.runs.store import INDEX, RunRecord, Store
@@ -41,13 +42,16 @@ def write_report(
     out: Path,
     where: Mapping[str, str] | None = None,
     layer_sparsity: float | None = None,
+    reference: str = REFERENCE,
 ) -> list[Path]:
     """Write ``report.md``, a self-contained ``report.html`` and every plot (PNG and SVG) into ``out``.
 
     ``where`` keeps only matching runs (see :func:`~prunelab.report.filter_records`) and the dense
     runs of the same recipe (the baseline is always shown);
     ``layer_sparsity`` is the target sparsity of the per-layer and mask-overlap views
-    (default: the highest one shared by the most methods). Returns the written paths.
+    (default: the highest one shared by the most methods); every variant's final test accuracy
+    is compared with ``reference``'s at the same sparsity (Welch's 95% interval, a verdict).
+    Returns the written paths.
     """
     store_root, out = Path(store_root), Path(out)
     if not (store_root / INDEX).exists():
@@ -62,7 +66,7 @@ def write_report(
     written: list[Path] = []
     blocks: list[Block] = [Heading(1, "prunelab report"), Para(PROTOCOL), Para(_counts(store_root, records, where))]
     for table in tables:
-        blocks += _table_section(table, store_root, out, layer_sparsity, written)
+        blocks += _table_section(table, store_root, out, layer_sparsity, written, reference)
     blocks += _warnings(records, tables)
     atomic_write_bytes(out / "report.md", to_markdown(blocks).encode())
     atomic_write_bytes(out / "report.html", to_html(blocks, "prunelab report").encode())
@@ -121,7 +125,12 @@ def _vs_dense(table: Table, row: Row) -> str:
     return f"{100 * (row.test[0] - dense[0].test[0]):+.2f}"
 
 
-def result_rows(table: Table) -> list[tuple[str, ...]]:
+def result_headers(reference: str = REFERENCE) -> tuple[str, ...]:
+    """The results table's column names; the last two compare with the ``reference`` method."""
+    return (*RESULT_HEADERS, f"vs {reference} (points, 95% CI)", f"vs {reference}: verdict")
+
+
+def result_rows(table: Table, reference: str = REFERENCE) -> list[tuple[str, ...]]:
     """The cells of the results table, one tuple per row of ``table``."""
     cells = []
     for row in table.rows:
@@ -134,6 +143,7 @@ def result_rows(table: Table) -> list[tuple[str, ...]]:
             str(len(row.runs)), _pm(*row.test), _vs_dense(table, row), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
             _num(row.flops, ".2e"), _num(row.wall, ".1f"), _reused(row),
             "n/a" if row.itop is None else f"{100 * row.itop:.1f}", _num(row.moved, ".0f"),
+            *compare_cells(table, row, reference),
         ))
     return cells
 
@@ -146,12 +156,13 @@ def _slug(table: Table) -> str:
 
 
 def _table_section(
-    table: Table, store_root: Path, out: Path, layer_sparsity: float | None, written: list[Path]
+    table: Table, store_root: Path, out: Path, layer_sparsity: float | None, written: list[Path],
+    reference: str = REFERENCE,
 ) -> list[Block]:
     slug, colors = _slug(table), plots.colors_for(table.labels)
     refs = references_for(table.model, table.dataset)
     blocks: list[Block] = [Heading(2, f"{table.model} on {table.dataset}"), Heading(3, "Results"),
-                           TableBlock(RESULT_HEADERS, tuple(result_rows(table)))]
+                           TableBlock(result_headers(reference), tuple(result_rows(table, reference)))]
 
     blocks.append(Heading(3, "Accuracy vs sparsity"))
     written += plots.save(plots.accuracy_vs_density(table, refs, colors), out, f"{slug}_accuracy_vs_sparsity")
