@@ -241,6 +241,27 @@ def _curves_section(
                              f"target sparsity {at} and of the dense run, seed {seed}")]
 
 
+def _masks_of(rows: Sequence[Row], store: Store, seed: int) -> tuple[dict[str, dict], list[str]]:
+    """The mask of each row's run of ``seed`` by label, and what could not be read (named, never drawn)."""
+    masks: dict[str, dict] = {}
+    missing = []
+    for row in rows:
+        run = next((r for r in row.runs if r.seed == seed), None)
+        if run is None:
+            missing.append(f"{row.label} (no run with seed {seed})")
+            continue
+        try:
+            mask = load_mask(store, run.run_id)
+        except UserError as exc:  # a damaged run is named, never drawn
+            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed}: {exc})")
+            continue
+        if mask is None:
+            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed})")
+        else:
+            masks[row.label] = mask
+    return masks, missing
+
+
 def _mask_sections(
     table: Table, store_root: Path, out: Path, wanted: float | None,
     colors: Mapping[str, tuple[float, ...]], written: list[Path],
@@ -256,24 +277,8 @@ def _mask_sections(
     # A channel run removes channels instead of masking weights: its masks cover other shapes.
     rows = [r for r in pruned if not any(s.channel_cuts for s in r.summaries)]
     channels = [r.label for r in pruned if r not in rows]
-    masks: dict[str, dict] = {}
-    missing = []
-    store = Store.reader(store_root)
     seed = shared_seed(rows)
-    for row in rows:
-        run = next((r for r in row.runs if r.seed == seed), None)
-        if run is None:
-            missing.append(f"{row.label} (no run with seed {seed})")
-            continue
-        try:
-            mask = load_mask(store, run.run_id)
-        except UserError as exc:  # a damaged run is named, never drawn
-            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed}: {exc})")
-            continue
-        if mask is None:
-            missing.append(f"`{run.run_id}` ({row.label}, seed {run.seed})")
-        else:
-            masks[row.label] = mask
+    masks, missing = _masks_of(rows, Store.reader(store_root), seed)
     blocks: list[Block] = [Heading(3, f"Per-layer density at sparsity {at}"),
                            Para(f"Masks of seed {seed} of each variant at target sparsity {at} (the lowest "
                                 "seed they all have, so that the overlap below compares methods from the same "
