@@ -165,6 +165,7 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
     structure = raw.get("prune.structure")
     if isinstance(structure, str) and "prune.sparsity" not in raw and (nm := parse_structure(structure)):
         raw["prune.sparsity"] = 1 - nm.density  # N:M fixes the sparsity: the default 0.9 does not apply
+    given_epochs = "train.epochs" in raw
     sections = {
         "data": _build(DataConfig, raw, "data."),
         "model": _build(ModelConfig, raw, "model."),
@@ -173,6 +174,11 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
     }
     seed = _coerce("seed", raw.pop("seed"), int) if "seed" in raw else RunConfig.seed
     cfg = RunConfig(seed=seed, method=method_config(method_name, settings), **sections)
+    if cfg.train.budget is not None:
+        if given_epochs:
+            raise UserError("give train.budget or train.epochs, not both: with a budget, each method sets its "
+                            "cycle length itself")
+        cfg = spec.spend(cfg, cfg.train.budget)
     return spec.resolve(cfg)
 
 

@@ -22,6 +22,10 @@ from prunelab.training.loop import PRECISIONS
 from prunelab.training.optim import LR_SCHEDULES, OPTIMIZERS, OptimSettings
 
 
+#: Largest training budget accepted, in epochs.
+MAX_BUDGET = 100_000
+
+
 def _choice(kind: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
@@ -70,6 +74,9 @@ class TrainConfig:
     """One training cycle: epochs, batches, optimizer, learning-rate schedule, loss."""
 
     epochs: int = 30
+    budget: int | None = field(default=None, metadata={
+        "help": "total training epochs of the run, dense pretraining included; each method spends them by its "
+                "rule (docs/methods.md, matched budgets) and train.epochs follows"})
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -101,6 +108,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        _check(self.budget is None or 1 <= self.budget <= MAX_BUDGET,
+               f"train.budget must be in [1, {MAX_BUDGET}] epochs, got {self.budget}")
         _check(self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("learning-rate schedule", self.schedule, LR_SCHEDULES)
@@ -201,6 +210,7 @@ ALIASES = {
     "model": "model.name",
     "dataset": "data.dataset",
     "epochs": "train.epochs",
+    "budget": "train.budget",
     "sparsity": "prune.sparsity",
     "lr": "train.lr",
     "batch_size": "train.batch_size",

@@ -7,6 +7,7 @@ Every method module registers itself in :data:`METHODS` with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,18 @@ def one_cycle(cfg: RunConfig) -> Plan:
     return Plan(cfg.train.epochs)
 
 
+def with_epochs(cfg: RunConfig, epochs: int, what: str) -> RunConfig:
+    """``cfg`` training cycles of ``epochs`` epochs; a budget that leaves less than one is refused."""
+    if epochs < 1:
+        raise UserError(f"train.budget {cfg.train.budget} leaves {what} less than one epoch; give a larger budget")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+
+
+def spend_one_cycle(cfg: RunConfig, budget: int) -> RunConfig:
+    """One cycle of the whole budget."""
+    return with_epochs(cfg, budget, "one cycle")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method.
@@ -60,6 +73,8 @@ class MethodSpec:
     plan: Callable[[RunConfig], Plan] = one_cycle
     structures: tuple[str, ...] = ("unstructured", "N:M")
     """The kinds of ``prune.structure`` the method can keep (``unstructured``, ``N:M``, ``channel``)."""
+    spend: Callable[[RunConfig, int], RunConfig] = spend_one_cycle
+    """How the method splits a training budget (``train.budget``) into its cycles."""
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -78,12 +93,13 @@ def register_method(
     resolve: Callable[[RunConfig], RunConfig] | None = None,
     plan: Callable[[RunConfig], Plan] = one_cycle,
     structures: tuple[str, ...] = ("unstructured", "N:M"),
+    spend: Callable[[RunConfig, int], RunConfig] = spend_one_cycle,
 ) -> Callable[[Callable[[Context, Any], None]], Callable[[Context, Any], None]]:
     """Decorator registering a method program under ``name`` with its settings class."""
 
     def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
         checked = _structure_checked(name, structures, resolve or _identity)
-        METHODS.register(name, summary)(MethodSpec(name, settings, run, checked, plan, structures))
+        METHODS.register(name, summary)(MethodSpec(name, settings, run, checked, plan, structures, spend))
         return run
 
     return decorate

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import Plan, check_counts, register_method
+from prunelab.methods.base import Plan, check_counts, register_method, with_epochs
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 from prunelab.sparsity import criteria
@@ -63,13 +63,21 @@ def _check(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _spend(cfg: RunConfig, budget: int) -> RunConfig:
+    """C cycles of B // C epochs (SCULPT: C + 1 cycles, its final one included)."""
+    s = cfg.method.settings
+    cycles = s.cycles + isinstance(s, SculptSettings)
+    return with_epochs(cfg, budget // cycles, f"each of {cycles} cycles")
+
+
 def _plan(cfg: RunConfig) -> Plan:
     s = cfg.method.settings
     return Plan((s.cycles + isinstance(s, SculptSettings)) * cfg.train.epochs)
 
 
 @register_method("cyclic", CyclicSettings,
-                 "mask at init (random per layer by default), then C cycles of the LR schedule with it", _check, _plan)
+                 "mask at init (random per layer by default), then C cycles of the LR schedule with it", _check, _plan,
+                 spend=_spend)
 def cyclic(ctx: Context, s: CyclicSettings) -> None:
     """Prune at init to the target, then C cycles with the mask fixed."""
     prune_by(ctx, s.score, ctx.target_density, s)
@@ -78,7 +86,8 @@ def cyclic(ctx: Context, s: CyclicSettings) -> None:
 
 
 @register_method("sculpt", SculptSettings,
-                 "mask at init at s0=0.5, C cycles, one global magnitude prune to the target, one cycle", _check, _plan)
+                 "mask at init at s0=0.5, C cycles, one global magnitude prune to the target, one cycle", _check, _plan,
+                 spend=_spend)
 def sculpt(ctx: Context, s: SculptSettings) -> None:
     """Cyclic training at s0, magnitude prune to the target, one final cycle."""
     prune_by(ctx, s.score, 1.0 - s.initial_sparsity, s)

@@ -10,12 +10,13 @@ never decides on test data), continuing from the best validation epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunelab.errors import UserError
-from prunelab.methods.base import ALL_STRUCTURES, Plan, check_counts, register_method
+from prunelab.methods.base import ALL_STRUCTURES, Plan, check_counts, register_method, with_epochs
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
 from prunelab.sparsity import criteria
@@ -40,6 +41,8 @@ class OneShotSettings:
     finetune_lr: float | None = field(default=None, metadata={"help": "fine-tuning lr (None: train.lr / 10)"})
     patience: int = field(default=0, metadata={"help": "early-stopping patience in epochs (0: fixed epochs)"})
     min_delta: float = field(default=0.0, metadata={"help": "validation-accuracy gain that counts as improvement"})
+    pretrain_share: float = field(default=0.5, metadata={
+        "help": "with train.budget: the share of it spent on dense pretraining (the rest fine-tunes)"})
 
     def __post_init__(self) -> None:
         check_counts(self, 1, "batches")
@@ -81,6 +84,36 @@ def _check(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _spend(cfg: RunConfig, budget: int) -> RunConfig:
+    """Dense pretraining of floor(B * pretrain_share) epochs, fine-tuning of the rest: one-shot in one
+    stretch; iterative split evenly over its steps (hybrid: each later step gets e = F // (S + 9), the
+    first the rest, about ten times as long, as without a budget). Early stopping may spend less."""
+    s = cfg.method.settings
+    if not 0 < s.pretrain_share < 1:
+        raise UserError(f"method.pretrain_share must be in (0, 1), got {s.pretrain_share}")
+    pretrain = int(budget * s.pretrain_share)
+    finetune = budget - pretrain
+    cfg = with_epochs(cfg, pretrain, "dense pretraining")
+    if not isinstance(s, IterativeSettings):
+        return _settings(cfg, finetune_epochs=finetune)
+    steps = len(iterative_sparsities(cfg.prune.sparsity, s.schedule, s.steps, step_fraction(s, cfg.prune.sparsity),
+                                     s.first))
+    if s.schedule == "hybrid":
+        later = finetune // (steps + 9)
+        first = finetune - (steps - 1) * later
+        if later < 1 and steps > 1:
+            raise UserError(f"train.budget {budget} leaves the {steps - 1} later steps less than one epoch each")
+        return _settings(cfg, finetune_epochs=first, step_epochs=max(later, 1))
+    if finetune // steps < 1:
+        raise UserError(f"train.budget {budget} leaves each of {steps} fine-tuning steps less than one epoch")
+    return _settings(cfg, finetune_epochs=finetune // steps)
+
+
+def _settings(cfg: RunConfig, **changes: int) -> RunConfig:
+    return dataclasses.replace(cfg, method=dataclasses.replace(
+        cfg.method, settings=dataclasses.replace(cfg.method.settings, **changes)))
+
+
 def step_fraction(s: IterativeSettings, target: float) -> float:
     """Fraction of remaining weights removed per geometric step."""
     if s.fraction is not None:
@@ -108,7 +141,7 @@ def short_epochs(s: IterativeSettings, epochs: int) -> int:
 
 @register_method("oneshot", OneShotSettings,
                  "train dense (reused from the store), prune once to the target, fine-tune", _check, _plan,
-                 ALL_STRUCTURES)
+                 ALL_STRUCTURES, _spend)
 def oneshot(ctx: Context, s: OneShotSettings) -> None:
     """Pretrained dense -> one prune -> fine-tune."""
     ctx.load_pretrained()
@@ -118,7 +151,7 @@ def oneshot(ctx: Context, s: OneShotSettings) -> None:
 
 @register_method("iterative", IterativeSettings,
                  "train dense, then prune-and-fine-tune steps on a constant, geometric or hybrid schedule", _check, _plan,
-                 ALL_STRUCTURES)
+                 ALL_STRUCTURES, _spend)
 def iterative(ctx: Context, s: IterativeSettings) -> None:
     """Pretrained dense -> (prune a step, fine-tune) until the target."""
     ctx.load_pretrained()

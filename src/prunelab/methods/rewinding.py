@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from prunelab.errors import UserError
-from prunelab.methods.base import Plan, register_method
+from prunelab.data import DATASETS
+from prunelab.methods.base import Plan, register_method, with_epochs
+from prunelab.models import build_model
 from prunelab.methods.context import Context
 from prunelab.sparsity.allocate import allocate, layerwise_masks
-from prunelab.sparsity.mask import Masks, count_kept
+from prunelab.sparsity.mask import Masks, count_kept, count_total, full_masks, prunable_parameters
 from prunelab.sparsity.scores import magnitude
 from prunelab.sparsity.structure import UNSTRUCTURED
 from prunelab.training.loop import StepHook, Trainer
@@ -154,8 +156,34 @@ def _plan(cfg: RunConfig) -> Plan:
     return Plan(epochs + rounds * (epochs - skipped), pretrained=not late)
 
 
+def _exact_rounds(cfg: RunConfig) -> int:
+    """Pruning rounds to the target, by a dry run on the model's prunable weights (counts only)."""
+    spec = DATASETS.get(cfg.data.dataset)
+    params = prunable_parameters(build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes),
+                                 cfg.prune.exclude)
+    masks = full_masks(params)
+    target_kept = round((1 - cfg.prune.sparsity) * count_total(masks))
+    return prune_rounds(params, masks, cfg.method.settings, cfg.prune, target_kept)
+
+
+def _spend(cfg: RunConfig, budget: int) -> RunConfig:
+    """R + 1 cycles of B // (R + 1) epochs; rewinding to epoch k, round 0 full and R rounds of T - k,
+    T = (B + R k) // (R + 1). A rewind to a step is refused (the steps of an epoch need the data)."""
+    s, rounds = cfg.method.settings, _exact_rounds(cfg)
+    match = REWIND.match(s.rewind) if isinstance(s, LotterySettings) and s.rewind != "0" else None
+    if match is not None and match.group(3) == "it":
+        raise UserError("train.budget needs method.rewind in epochs ('<N>ep') or 0, not steps")
+    k = int(match.group(2)) if match is not None else 0
+    epochs = (budget + rounds * k) // (rounds + 1)
+    if k and epochs <= k:
+        raise UserError(f"train.budget {budget} leaves no epochs after the rewind point {s.rewind} in "
+                        f"{rounds} rounds; give a larger budget")
+    return with_epochs(cfg, epochs, f"each of {rounds + 1} rounds")
+
+
 @register_method("lottery", LotterySettings,
-                 "iterative magnitude pruning (20%/round), survivors rewound to init or an early step", _check, _plan)
+                 "iterative magnitude pruning (20%/round), survivors rewound to init or an early step", _check, _plan,
+                 spend=_spend)
 def lottery(ctx: Context, s: LotterySettings) -> None:
     """Round 0 trains dense; each later round prunes, rewinds and retrains."""
     if s.rewind == "0":
@@ -173,7 +201,8 @@ def lottery(ctx: Context, s: LotterySettings) -> None:
 
 
 @register_method("lrr", LRRSettings,
-                 "iterative magnitude pruning (20%/round) keeping the weights, restarting the LR schedule", _check, _plan)
+                 "iterative magnitude pruning (20%/round) keeping the weights, restarting the LR schedule", _check, _plan,
+                 spend=_spend)
 def lrr(ctx: Context, s: LRRSettings) -> None:
     """Pretrained dense; each round prunes and retrains a full cycle from the current weights."""
     ctx.load_pretrained()
