@@ -71,9 +71,9 @@ def _accuracies(row: Row) -> list[float]:
 
 def compare_cells(table: Table, row: Row, method: str) -> tuple[str, str]:
     """The difference cell (points, with the 95% interval) and the verdict cell of ``row`` against ``method``."""
-    reference = reference_row(table, row.target, method)
     if row.method == method or row.method == "dense":
         return "—", "—"
+    reference = reference_row(table, row.target, method)
     if reference is None:
         return "n/a", f"no {method} run at this sparsity"
     found = welch(_accuracies(row), _accuracies(reference))

@@ -173,6 +173,10 @@ class Row:
     target: float
     runs: tuple[RunRecord, ...]
 
+    def run_of(self, seed: int) -> RunRecord | None:
+        """This variant's run with ``seed``, if it has one."""
+        return next((r for r in self.runs if r.seed == seed), None)
+
     @cached_property
     def summaries(self) -> list[RunSummary]:
         """The runs' summaries (by seed), parsed once for all the columns read from them."""

@@ -227,7 +227,7 @@ def _curves_section(
     store = Store.reader(store_root)
     series = {}
     for row in rows:
-        run = next((r for r in row.runs if r.seed == seed), None)
+        run = row.run_of(seed)
         records = store.folder(run.run_id).metrics() if run is not None else []
         if records:
             series[row.label] = records
@@ -246,7 +246,7 @@ def _masks_of(rows: Sequence[Row], store: Store, seed: int) -> tuple[dict[str, d
     masks: dict[str, dict] = {}
     missing = []
     for row in rows:
-        run = next((r for r in row.runs if r.seed == seed), None)
+        run = row.run_of(seed)
         if run is None:
             missing.append(f"{row.label} (no run with seed {seed})")
             continue

@@ -28,7 +28,7 @@ from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
 from prunelab.sparsity.channels import classifier_name
-from prunelab.sparsity.mask import Masker, prunable_parameters
+from prunelab.sparsity.mask import Masker, count_zeros, prunable_parameters
 from prunelab.sparsity.structure import check_groupable, check_nm, parse_structure
 from prunelab.runs.summary import DivergedSummary, RunSummary
 from prunelab.runs.store import MASK, WEIGHTS, RunFolder, Store, checkpoint_owner
@@ -303,9 +303,8 @@ def _to_device(data: DataSplits, device: torch.device, channels_last: bool = Fal
 def _sparsity(trainer: Trainer) -> float:
     """Zeros among the prunable weights, and weights removed with their channels, over the weights as built."""
     params = trainer.masker.params
-    now = sum(p.numel() for p in params.values())
-    zeros = sum(int((p == 0).sum()) for p in params.values())
-    return (zeros + trainer.dense_total - now) / trainer.dense_total
+    removed = trainer.dense_total - sum(p.numel() for p in params.values())
+    return (count_zeros(params) + removed) / trainer.dense_total
 
 
 def _channel_fields(ctx: Context) -> dict[str, Any]:

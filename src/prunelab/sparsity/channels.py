@@ -88,7 +88,8 @@ def find_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] 
             continue
         root = members[0]
         groups.append(Group(root.module, int(root.index.numel()), tuple(members)))
-    return sorted(groups, key=lambda g: list(names.values()).index(g.root))
+    position = {name: i for i, name in enumerate(names.values())}
+    return sorted(groups, key=lambda g: position[g.root])
 
 
 def _members(graph: tp.DependencyGraph, tp_group: tp.Group, names: Mapping[nn.Module, str]) -> list[Member] | None:
@@ -96,7 +97,7 @@ def _members(graph: tp.DependencyGraph, tp_group: tp.Group, names: Mapping[nn.Mo
     members: dict[tuple[str, str], Member] = {}
     for item in tp_group.items:
         module = item.dep.target.module
-        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+        if not isinstance(module, nn.Module) or next(module.parameters(recurse=False), None) is None:
             continue  # an operation (add, flatten, activation) without parameters
         if not isinstance(module, SUPPORTED) or getattr(module, "groups", 1) != 1 or getattr(module, "transposed", False):
             return None

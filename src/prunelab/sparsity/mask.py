@@ -93,16 +93,15 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
     return 1.0 - count_kept(masks) / total if total else 0.0
 
 
-def layer_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Kept fraction of each masked tensor."""
-    return {name: float(m.sum()) / m.numel() for name, m in masks.items()}
+def count_zeros(params: Mapping[str, torch.Tensor]) -> int:
+    """Number of the given weights that are exactly zero, read from the weights themselves."""
+    return sum(int((p == 0).sum()) for p in params.values())
 
 
 def weight_sparsity(params: Mapping[str, torch.Tensor]) -> float:
     """Fraction of the given weights that are exactly zero, read from the weights themselves."""
     total = sum(p.numel() for p in params.values())
-    zeros = sum(int((p == 0).sum()) for p in params.values())
-    return zeros / total if total else 0.0
+    return count_zeros(params) / total if total else 0.0
 
 
 def collapsed_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
