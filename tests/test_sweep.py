@@ -29,7 +29,7 @@ def _runtime(tmp_path: Path, data: Path) -> Runtime:
 
 
 def test_expand_is_a_product_and_dense_points_collapse(tmp_path: Path) -> None:
-    points = expand(read_sweep(_write(tmp_path, "{method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}")))
+    points = expand(read_sweep(_write(tmp_path, "{method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}"))).points
     assert len(points) == 8
     assert len({p.run_id for p in points}) == 6  # dense at 0.5 and 0.9 is one run per seed
     assert [(p.cfg.method.name, p.cfg.prune.sparsity, p.cfg.seed) for p in points][:3] == [
@@ -47,21 +47,21 @@ def test_bad_sweep_files(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(UserError) as info:
-        expand(read_sweep(path))
+        expand(read_sweep(path)).points
     assert fragment in str(info.value)
 
 
 def test_method_settings_apply_to_their_method_only(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("grid: {method: [dense, lrr, lottery]}\nmethod_settings: {lrr: {rate: 0.5}}\n")
-    cfgs = {p.cfg.method.name: p.cfg for p in expand(read_sweep(path))}
+    cfgs = {p.cfg.method.name: p.cfg for p in expand(read_sweep(path)).points}
     assert cfgs["lrr"].method.settings.rate == 0.5 and cfgs["lottery"].method.settings.rate == 0.2
 
 
 @pytest.mark.integration
 def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -> None:
     path = _write(tmp_path, "{method: [dense, progressive], sparsity: [0.5, 0.9], seed: [0, 1]}")
-    points = expand(read_sweep(path))
+    points = expand(read_sweep(path)).points
     first = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (first.runs, first.done, first.skipped, first.failed) == (8, 6, 2, 0)
     records = Store(tmp_path / "store").records()
@@ -80,7 +80,7 @@ def test_sweep_runs_then_skips_everything(tiny_data_dir: Path, tmp_path: Path) -
 
 @pytest.mark.integration
 def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path) -> None:
-    points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}")))
+    points = expand(read_sweep(_write(tmp_path, "{method: [oneshot, lrr, lottery], sparsity: [0.5, 0.8]}"))).points
     assert len(pretraining(points, data_identities(["fashion-mnist"], Runtime(data_dir=tiny_data_dir)))) == 1
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed, result.pretrained) == (6, 0, 1)
@@ -94,7 +94,7 @@ def test_shared_pretraining_runs_once_first(tiny_data_dir: Path, tmp_path: Path)
 
 @pytest.mark.integration
 def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: Path) -> None:
-    points = expand(read_sweep(_write(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}")))
+    points = expand(read_sweep(_write(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}"))).points
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert (result.done, result.failed) == (1, 1)
     failed = [r for r in Store(tmp_path / "store").records() if r.status == "failed"]
@@ -105,7 +105,7 @@ def test_a_failing_run_does_not_stop_the_others(tiny_data_dir: Path, tmp_path: P
 def test_a_dataset_that_cannot_be_found_stops_the_sweep_before_anything_trains(
     tiny_data_dir: Path, tmp_path: Path
 ) -> None:
-    points = expand(read_sweep(_write(tmp_path, "{dataset: [fashion-mnist, mnist], method: [dense]}")))
+    points = expand(read_sweep(_write(tmp_path, "{dataset: [fashion-mnist, mnist], method: [dense]}"))).points
     with pytest.raises(UserError, match="does not hold the mnist files"):
         sweep(points, _runtime(tmp_path, tiny_data_dir), LocalExecutor(2))
     assert not (tmp_path / "store").exists() or not Store(tmp_path / "store").records()

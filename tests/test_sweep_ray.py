@@ -46,7 +46,7 @@ def _runtime(tmp_path: Path, data: Path) -> Runtime:
 
 
 def _configs(path: Path) -> list[RunConfig]:
-    return [p.cfg for p in expand(read_sweep(path))]
+    return [p.cfg for p in expand(read_sweep(path)).points]
 
 
 def test_ray_sweep_stores_runs_skips_them_again_and_matches_local(tiny_data_dir: Path, tmp_path: Path,
@@ -76,7 +76,7 @@ def test_ray_sweep_stores_runs_skips_them_again_and_matches_local(tiny_data_dir:
 
 
 def test_a_failing_run_is_stored_failed_and_the_others_go_on(tiny_data_dir: Path, tmp_path: Path) -> None:
-    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}")))
+    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [progressive], prune.exclude: [[], ['*']]}"))).points
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), RayExecutor())
     assert (result.done, result.failed) == (1, 1)
     failed = [r for r in Store(tmp_path / "store").records() if r.status == "failed"]
@@ -93,7 +93,7 @@ def test_a_task_whose_worker_dies_is_stored_failed(tiny_data_dir: Path, tmp_path
 
     # A local function, so Ray ships it by value to the workers.
     monkeypatch.setattr(prunelab.runs.executors.ray, "run_in_temp_store", dies_on_seed_1)
-    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [dense], seed: [0, 1]}")))
+    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [dense], seed: [0, 1]}"))).points
     result = sweep(points, _runtime(tmp_path, tiny_data_dir), RayExecutor())
     assert (result.done, result.failed) == (1, 1)
     [failed] = [r for r in Store(tmp_path / "store").records() if r.status == "failed"]
@@ -103,7 +103,7 @@ def test_a_task_whose_worker_dies_is_stored_failed(tiny_data_dir: Path, tmp_path
 def test_pruned_runs_reuse_the_stored_dense_run_on_the_worker(tiny_data_dir: Path, tmp_path: Path,
                                                               monkeypatch) -> None:
     runtime = _runtime(tmp_path, tiny_data_dir)
-    first = sweep(expand(read_sweep(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5]}"))),
+    first = sweep(expand(read_sweep(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5]}"))).points,
                   runtime, RayExecutor())
     assert (first.done, first.failed, first.pretrained) == (1, 0, 1)  # the dense run went first
     store = Store(tmp_path / "store")
@@ -114,7 +114,7 @@ def test_pruned_runs_reuse_the_stored_dense_run_on_the_worker(tiny_data_dir: Pat
     import_run = Store.import_run
     monkeypatch.setattr(Store, "import_run", lambda self, bundle: imported.append(bundle.record.run_id)
                         or import_run(self, bundle))
-    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5, 0.8]}", "more.yaml")))
+    points = expand(read_sweep(_sweep_file(tmp_path, "{method: [oneshot], sparsity: [0.5, 0.8]}", "more.yaml"))).points
     points, _ = identified(points, runtime)  # the ids on the tiny data
     second = sweep(points, runtime, RayExecutor())
     assert (second.done, second.skipped, second.failed, second.pretrained) == (1, 1, 0, 0)

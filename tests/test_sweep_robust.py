@@ -83,7 +83,7 @@ def test_cli_dry_run_of_a_huge_grid_fails_fast_in_one_line(tmp_path: Path, capsy
 def test_max_points_raises_or_lowers_the_limit(tmp_path: Path, capsys) -> None:
     path = _write(tmp_path, {"method": ["dense", "snip"], "seed": list(range(6))})
     spec = read_sweep(path)
-    assert len(expand(spec, max_points=12)) == 12
+    assert len(expand(spec, max_points=12).points) == 12
     with pytest.raises(UserError, match="12 grid points, more than the limit of 11"):
         expand(spec, max_points=11)
     common = ["--dry-run", "--json", "--store", str(tmp_path / "store")]
@@ -100,7 +100,7 @@ def test_iter_points_is_lazy_and_in_expand_order(tmp_path: Path) -> None:
         first = next(iter_points(read_sweep(_million(tmp_path))))
     assert (first.cfg.seed, first.cfg.train.lr) == (0, 0.001)
     spec = read_sweep(_write(tmp_path, {"method": ["dense", "progressive"], "sparsity": [0.5, 0.9]}))
-    assert list(iter_points(spec)) == expand(spec)
+    assert list(iter_points(spec)) == expand(spec).points
 
 
 # ------------------------------------------------------------------ the driver dies
@@ -175,7 +175,7 @@ def test_workers_die_with_a_sigkilled_driver(tiny_data_dir: Path, tmp_path: Path
 @pytest.mark.integration
 def test_a_killed_worker_fails_its_run_only(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     runtime = Runtime(store=tmp_path / "store", data_dir=tiny_data_dir, progress=False, download=False)
-    points, runtime = identified(expand(read_sweep(_write(tmp_path, {"method": ["dense"], "seed": [0, 1, 2]}))),
+    points, runtime = identified(expand(read_sweep(_write(tmp_path, {"method": ["dense"], "seed": [0, 1, 2]}))).points,
                                  runtime)
     configs = [p.cfg for p in points]
     victim = points[1].run_id

@@ -14,6 +14,13 @@ class UserError(ValueError):
     """
 
 
+class BudgetTooSmall(UserError):
+    """``train.budget`` leaves one of a method's cycles (or steps) less than one epoch.
+
+    A single run stops with its sentence; a sweep skips that grid point and lists it in its plan.
+    """
+
+
 class Diverged(UserError):
     """Training produced a non-finite loss or weights: the run is stored as ``diverged``, not as a result."""
 

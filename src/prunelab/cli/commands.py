@@ -55,19 +55,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = read_sweep(args.file)
     if args.threads is not None:  # for every grid point, as if the sweep file's base said so
         spec = replace(spec, base={**spec.base, "train.threads": args.threads})
-    points = expand(spec, args.max_points)
+    grid = expand(spec, args.max_points)
     runtime = runtime_of(args)
     if args.dry_run:
-        points, runtime = identified(points, runtime)
-        _print_plan(points, pretraining(points, runtime), Store.reader(runtime.store), args.json)
+        points, runtime = identified(grid.points, runtime)
+        _print_plan(points, grid.unfit, pretraining(points, runtime), Store.reader(runtime.store), args.json)
         return 0
+    for unfit in grid.unfit:
+        print(f"skipped grid point {unfit.where}: {unfit.reason}", file=sys.stderr)
     session: AbstractContextManager[None] = nullcontext()
     if args.executor == "ray":
         from prunelab.runs.executors.ray import ray_session
 
         session = ray_session()  # Ray, started or joined for the first run to do, is shut down at the end
     with session:
-        result = sweep(points, runtime, executor, runtime.progress, log=lambda m: print(m, file=sys.stderr))
+        result = sweep(grid.points, runtime, executor, runtime.progress, log=lambda m: print(m, file=sys.stderr))
     for rid, error in result.errors.items():
         print(f"run {rid} failed: {error}", file=sys.stderr)
     if args.json:
@@ -101,23 +103,31 @@ def _sweep_executor(args: argparse.Namespace) -> Any:
     return RayExecutor(cpus, gpus, args.address)
 
 
-def _print_plan(points: list[Any], shared: dict[str, Any], store: Any, as_json: bool) -> None:
+def _print_plan(points: list[Any], unfit: list[Any], shared: dict[str, Any], store: Any, as_json: bool) -> None:
     stored = {r.run_id for r in store.records() if r.status == "ok"}
     rows, seen = [], set()
     for p in points:
         state = "stored" if p.run_id in stored else "repeat" if p.run_id in seen else "to run"
         seen.add(p.run_id)
         rows.append({"run_id": p.run_id, "method": p.cfg.method.name, "model": p.cfg.model.name,
-                     "sparsity": p.cfg.prune.sparsity, "seed": p.cfg.seed, "epochs": p.epochs, "state": state})
+                     "sparsity": p.cfg.prune.sparsity, "seed": p.cfg.seed, "budget": p.cfg.train.budget,
+                     "epochs": p.epochs, "split": p.split, "state": state})
     new_dense = {rid: c for rid, c in shared.items() if rid not in stored}
     # Pretraining is trained once for all the runs that share it.
     epochs = sum(r["epochs"] - (p.cfg.train.epochs if p.pretrained else 0)
                  for r, p in zip(rows, points) if r["state"] == "to run")
     epochs += sum(c.train.epochs for rid, c in new_dense.items() if rid not in {r["run_id"] for r in rows})
+    skipped = [{"where": u.where, "reason": u.reason} for u in unfit]
     if as_json:
-        print(json_text({"runs": rows, "estimated_epochs": epochs}))
+        print(json_text({"runs": rows, "estimated_epochs": epochs, "unfit": skipped}))
         return
     print_table(rows)
+    under = sum(1 for r in rows if r["budget"] is not None and r["epochs"] < r["budget"])
+    if under:
+        print(f"{under} runs plan fewer epochs than their budget: each cycle rounds down (docs/methods.md, "
+              "matched budgets), and a run never trains more than its budget")
+    for u in skipped:
+        print(f"skipped grid point {u['where']}: {u['reason']}")
     print(f"estimated training: {epochs:g} epochs (at most that many dense-epoch equivalents), "
           f"{len(new_dense)} shared dense pretraining runs included")
 
@@ -171,7 +181,8 @@ def _run_row(r: RunRecord) -> dict[str, Any]:
     """One line of ``prunelab list runs``: the index's headline and, for a finished run, its result."""
     result = r.result
     return {"run_id": r.run_id, "status": r.status, "method": r.method, "model": r.model, "dataset": r.dataset,
-            "target": r.target_sparsity, "seed": r.seed, "sparsity": result.sparsity if result else None,
+            "target": r.target_sparsity, "seed": r.seed, "budget": r.config.get("train", {}).get("budget"),
+            "epochs": result.epochs if result else None, "sparsity": result.sparsity if result else None,
             "test_acc": result.test_acc if result else None}
 
 
@@ -215,7 +226,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if record.summary is None:
         raise UserError(f"run {record.run_id} has no result yet (status {record.status}"
                         + (f": {record.error}" if record.error else "") + ")")
-    print_summary(record.summary, args.json)
+    # Summaries stored before the budget was recorded in them: the run's config says it.
+    print_summary({**record.summary, "budget": record.config.get("train", {}).get("budget")}, args.json)
     return 0
 
 

@@ -37,7 +37,8 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
           if s.channel_sparsity is not None else []),
         ("test accuracy (final)", s.test_acc), ("val accuracy (final)", s.val_acc),
         ("test accuracy (val-selected)", s.selected_test_acc), ("selected epoch", s.selected_epoch),
-        ("epochs trained", s.epochs), ("optimizer steps", s.steps), ("wall time (s)", s.wall_s),
+        ("epochs trained", s.epochs), *([("budget (epochs)", s.budget)] if s.budget is not None else []),
+        ("optimizer steps", s.steps), ("wall time (s)", s.wall_s),
         ("training FLOPs", s.train_flops), ("dense-equivalent FLOPs", s.dense_train_flops),
     ]
     width = max(len(k) for k, _ in rows)

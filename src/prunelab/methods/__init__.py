@@ -4,6 +4,6 @@ Import order is registration order, which is the order `prunelab list methods` s
 """
 
 from prunelab.methods import dense, progressive, retrain, rewinding, pai, cyclic, dynamic  # noqa: F401, I001
-from prunelab.methods.base import METHODS, MethodSpec, register_method, settings_help
+from prunelab.methods.base import METHODS, SPENT_FIELDS, MethodSpec, register_method, settings_help
 
-__all__ = ["METHODS", "MethodSpec", "register_method", "settings_help"]
+__all__ = ["METHODS", "SPENT_FIELDS", "MethodSpec", "register_method", "settings_help"]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from prunelab.errors import UserError
+from prunelab.errors import BudgetTooSmall, UserError
 from prunelab.registry import Registry
 from prunelab.sparsity.structure import structure_kind
 
@@ -37,18 +37,27 @@ class Plan:
 
     epochs: float
     pretrained: bool = False
+    split: str = ""
+    """How the epochs fall into cycles, e.g. ``5 × 4`` (five cycles of four epochs) or ``10 + 10``
+    (dense pretraining, then fine-tuning): what ``prunelab sweep --dry-run`` shows of a budget's spending."""
 
 
 def one_cycle(cfg: RunConfig) -> Plan:
     """The plan of a method that trains one cycle from scratch."""
-    return Plan(cfg.train.epochs)
+    return Plan(cfg.train.epochs, split=f"1 × {cfg.train.epochs}")
 
 
 def with_epochs(cfg: RunConfig, epochs: int, what: str) -> RunConfig:
     """``cfg`` training cycles of ``epochs`` epochs; a budget that leaves less than one is refused."""
     if epochs < 1:
-        raise UserError(f"train.budget {cfg.train.budget} leaves {what} less than one epoch; give a larger budget")
+        raise BudgetTooSmall(f"train.budget {cfg.train.budget} leaves {what} less than one epoch; give a larger "
+                             "budget")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+
+
+#: The config paths a spend rule may set (and the only ones): a report treats them as the budget's
+#: consequences, not as settings that make a variant.
+SPENT_FIELDS = ("train.epochs", "method.settings.finetune_epochs", "method.settings.step_epochs")
 
 
 def spend_one_cycle(cfg: RunConfig, budget: int) -> RunConfig:

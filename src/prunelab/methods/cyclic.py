@@ -72,7 +72,8 @@ def _spend(cfg: RunConfig, budget: int) -> RunConfig:
 
 def _plan(cfg: RunConfig) -> Plan:
     s = cfg.method.settings
-    return Plan((s.cycles + isinstance(s, SculptSettings)) * cfg.train.epochs)
+    cycles = s.cycles + isinstance(s, SculptSettings)
+    return Plan(cycles * cfg.train.epochs, split=f"{cycles} × {cfg.train.epochs}")
 
 
 @register_method("cyclic", CyclicSettings,

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prunelab.errors import UserError
+from prunelab.errors import BudgetTooSmall, UserError
 from prunelab.methods.base import ALL_STRUCTURES, Plan, check_counts, register_method, with_epochs
 from prunelab.methods.context import Context
 from prunelab.methods.scoring import prune_by
@@ -102,10 +102,10 @@ def _spend(cfg: RunConfig, budget: int) -> RunConfig:
         later = finetune // (steps + 9)
         first = finetune - (steps - 1) * later
         if later < 1 and steps > 1:
-            raise UserError(f"train.budget {budget} leaves the {steps - 1} later steps less than one epoch each")
+            raise BudgetTooSmall(f"train.budget {budget} leaves the {steps - 1} later steps less than one epoch each")
         return _settings(cfg, finetune_epochs=first, step_epochs=max(later, 1))
     if finetune // steps < 1:
-        raise UserError(f"train.budget {budget} leaves each of {steps} fine-tuning steps less than one epoch")
+        raise BudgetTooSmall(f"train.budget {budget} leaves each of {steps} fine-tuning steps less than one epoch")
     return _settings(cfg, finetune_epochs=finetune // steps)
 
 
@@ -124,14 +124,18 @@ def step_fraction(s: IterativeSettings, target: float) -> float:
 
 
 def _plan(cfg: RunConfig) -> Plan:
+    """Dense pretraining, then fine-tuning (at most; early stopping may end each stretch sooner)."""
     s, epochs = cfg.method.settings, cfg.train.epochs
     finetune = s.finetune_epochs or epochs
     if not isinstance(s, IterativeSettings):
-        return Plan(epochs + finetune, pretrained=True)
-    steps = iterative_sparsities(cfg.prune.sparsity, s.schedule, s.steps, step_fraction(s, cfg.prune.sparsity), s.first)
+        return Plan(epochs + finetune, pretrained=True, split=f"{epochs} + {finetune}")
+    steps = len(iterative_sparsities(cfg.prune.sparsity, s.schedule, s.steps, step_fraction(s, cfg.prune.sparsity),
+                                     s.first))
     if s.schedule == "hybrid":
-        return Plan(epochs + finetune + (len(steps) - 1) * short_epochs(s, epochs), pretrained=True)
-    return Plan(epochs + len(steps) * finetune, pretrained=True)
+        short = short_epochs(s, epochs)
+        return Plan(epochs + finetune + (steps - 1) * short, pretrained=True,
+                    split=f"{epochs} + {finetune} + {steps - 1} × {short}")
+    return Plan(epochs + steps * finetune, pretrained=True, split=f"{epochs} + {steps} × {finetune}")
 
 
 def short_epochs(s: IterativeSettings, epochs: int) -> int:

@@ -11,7 +11,6 @@ rate schedule. The round that would pass the target prunes exactly to it.
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prunelab.errors import UserError
+from prunelab.errors import BudgetTooSmall, UserError
 from prunelab.data import DATASETS
 from prunelab.methods.base import Plan, register_method, with_epochs
 from prunelab.models import build_model
@@ -143,17 +142,18 @@ def _rewind_step(rewind: str, steps_per_epoch: int, total: int) -> int:
 
 
 def _plan(cfg: RunConfig) -> Plan:
-    """Rounds = ceil(log(1 - s) / log(1 - rate)) (per-layer rates make it an estimate), plus round 0.
+    """Round 0 and R pruning rounds, R counted exactly (:func:`_exact_rounds`).
 
     With late rewinding to epoch k each round trains T - k epochs; to a step (``<N>it``) the
     plan counts full rounds, an upper bound (the steps of an epoch are known only with the data).
     """
-    s, sparsity, epochs = cfg.method.settings, cfg.prune.sparsity, cfg.train.epochs
-    rounds = math.ceil(math.log(1 - sparsity) / math.log(1 - s.rate) - 1e-9) if sparsity > 0 else 0
+    s, epochs = cfg.method.settings, cfg.train.epochs
+    rounds = _exact_rounds(cfg) if cfg.prune.sparsity > 0 else 0
     late = isinstance(s, LotterySettings) and s.rewind != "0"
     match = REWIND.match(s.rewind) if late else None
-    skipped = int(match.group(2)) if match is not None and match.group(3) == "ep" else 0
-    return Plan(epochs + rounds * (epochs - skipped), pretrained=not late)
+    later = epochs - (int(match.group(2)) if match is not None and match.group(3) == "ep" else 0)
+    split = f"{rounds + 1} × {epochs}" if later == epochs else f"{epochs} + {rounds} × {later}"
+    return Plan(epochs + rounds * later, pretrained=not late, split=split)
 
 
 def _exact_rounds(cfg: RunConfig) -> int:
@@ -176,7 +176,7 @@ def _spend(cfg: RunConfig, budget: int) -> RunConfig:
     k = int(match.group(2)) if match is not None else 0
     epochs = (budget + rounds * k) // (rounds + 1)
     if k and epochs <= k:
-        raise UserError(f"train.budget {budget} leaves no epochs after the rewind point {s.rewind} in "
+        raise BudgetTooSmall(f"train.budget {budget} leaves no epochs after the rewind point {s.rewind} in "
                         f"{rounds} rounds; give a larger budget")
     return with_epochs(cfg, epochs, f"each of {rounds + 1} rounds")
 

@@ -266,9 +266,14 @@ def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits
 
 
 def dense_config(cfg: RunConfig) -> RunConfig:
-    """The dense run of the same recipe (data, model, training, seed)."""
+    """The dense run of the same recipe (data, model, training, seed).
+
+    Without the budget: the epochs are those the budget gave the method's first cycle, and the dense
+    run is the same training as a plain dense run of that length (and shares its run id).
+    """
     dense = METHODS.get("dense")
-    return dense.resolve(dataclasses.replace(cfg, method=method_config("dense")))
+    train = dataclasses.replace(cfg.train, budget=None)
+    return dense.resolve(dataclasses.replace(cfg, method=method_config("dense"), train=train))
 
 
 def _pretrained(cfg: RunConfig, runtime: Runtime, data: DataSplits) -> Pretrained:
@@ -358,6 +363,7 @@ def _finish(ctx: Context, rid: str, folder: RunFolder) -> dict[str, Any]:
         selected_val_acc=selection.val_acc if selection and selection.epoch > 0 else None,
         selected_test_acc=selected_test_acc,
         epochs=cost.epochs,
+        budget=ctx.cfg.train.budget,
         steps=cost.steps,
         wall_s=cost.wall_s,
         eval_s=time.perf_counter() - started,

@@ -52,6 +52,9 @@ class RunSummary:
     """Test accuracy of the validation-selected weights (never used to select anything)."""
     epochs: float | None = None
     """Epochs trained, all cycles and reused pretraining included."""
+    budget: int | None = None
+    """``train.budget``, the epochs the run was allowed (None: no budget, its cycles set by train.epochs);
+    ``epochs`` is what it trained, never more."""
     steps: int | None = None
     wall_s: float | None = None
     eval_s: float | None = None

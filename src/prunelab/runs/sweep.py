@@ -35,7 +35,7 @@ from tqdm import tqdm
 from prunelab.config.build import build_config, flatten, read_yaml_tree
 from prunelab.config.identity import run_id, to_dict
 from prunelab.config.schema import RunConfig
-from prunelab.errors import Diverged, UserError
+from prunelab.errors import BudgetTooSmall, Diverged, UserError
 from prunelab.runs.experiment import Runtime, data_identities, dense_config, headline, identify, run
 from prunelab.methods import METHODS
 from prunelab.runs.store import Store
@@ -46,6 +46,7 @@ MAX_POINTS = 10_000
 Expanding validates every point (about a millisecond each), and a sweep that
 large is more often a typo than a plan."""
 
+
 @dataclass(frozen=True)
 class Point:
     """One grid point: its raw settings, resolved config, run id and plan."""
@@ -55,6 +56,24 @@ class Point:
     run_id: str
     epochs: float
     pretrained: bool
+    split: str = ""
+    """How the epochs fall into cycles (:attr:`prunelab.methods.Plan.split`)."""
+
+
+@dataclass(frozen=True)
+class Unfit:
+    """A grid point whose ``train.budget`` is too small for its method's cycles: skipped, said why."""
+
+    where: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sweep file's grid expanded: the points to run, and the points skipped as unfit for their budget."""
+
+    points: list[Point]
+    unfit: list[Unfit]
 
 
 @dataclass(frozen=True)
@@ -120,34 +139,47 @@ def check_size(spec: SweepFile, max_points: int | None = None) -> int:
     return size
 
 
-def iter_points(spec: SweepFile) -> Iterator[Point]:
-    """Every grid point (product over grid keys in file order), built one by one as asked for."""
+def iter_points(spec: SweepFile) -> Iterator[Point | Unfit]:
+    """Every grid point (product over grid keys in file order), built one by one as asked for.
+
+    A point whose budget leaves a cycle under one epoch (lottery's 12 rounds in a budget of 10) is
+    :class:`Unfit`, not an error: a grid over budgets and methods keeps the points that fit."""
     keys = list(spec.grid)
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         yield _point(spec, keys, values)
 
 
-def _point(spec: SweepFile, keys: Sequence[str], values: Sequence[Any]) -> Point:
+def _point(spec: SweepFile, keys: Sequence[str], values: Sequence[Any]) -> Point | Unfit:
     """The grid point ``keys = values`` over the base settings, validated and planned."""
     raw = {**spec.base, **dict(zip(keys, values))}
     raw.update(spec.method_settings.get(str(raw.get("method.name", "progressive")), {}))
+    where = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
     try:
         cfg = build_config(raw)
+    except BudgetTooSmall as exc:
+        return Unfit(where, str(exc))
     except UserError as exc:
-        where = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
         raise UserError(f"grid point {where}: {exc}") from None
     plan = METHODS.get(cfg.method.name).plan(cfg)
-    return Point(raw, cfg, run_id(cfg), plan.epochs, plan.pretrained)
+    return Point(raw, cfg, run_id(cfg), plan.epochs, plan.pretrained, plan.split)
 
 
-def expand(spec: SweepFile, max_points: int | None = None) -> list[Point]:
-    """Every grid point as a validated, planned run, once the grid's size is checked (:func:`check_size`).
+def expand(spec: SweepFile, max_points: int | None = None) -> Grid:
+    """Every grid point as a validated, planned run (or unfit for its budget), once the grid's size is
+    checked (:func:`check_size`).
 
     Their ``run_id`` is the id on each dataset's official files; :func:`identified`
     gives the ids on the data actually at hand.
     """
     check_size(spec, max_points)
-    return list(iter_points(spec))
+    points: list[Point] = []
+    unfit: list[Unfit] = []
+    for p in iter_points(spec):
+        if isinstance(p, Unfit):
+            unfit.append(p)
+        else:
+            points.append(p)
+    return Grid(points, unfit)
 
 
 def identified(points: Sequence[Point], runtime: Runtime) -> tuple[list[Point], Runtime]:
