@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from prunelab.errors import UserError
 from prunelab.report import (
@@ -26,64 +23,9 @@ from prunelab.report import (
     write_report,
 )
 from prunelab.report import plots
-from prunelab.runs.store import MASK, Store
+from prunelab.runs.store import Store
 
-LAYERS = {"fc1.weight": (8, 10), "fc2.weight": (4, 8), "fc3.weight": (2, 4)}  # 120 weights
-N_WEIGHTS = sum(a * b for a, b in LAYERS.values())
-
-
-def config(method: str, sparsity: float, seed: int, model: str, dataset: str,
-           settings: dict[str, Any], epochs: int = 30) -> dict[str, Any]:
-    return {
-        "seed": seed,
-        "data": {"dataset": dataset, "val_size": None, "augment": {"flip": False}},
-        "model": {"name": model},
-        "train": {"epochs": epochs, "lr": 0.1, "batch_size": 128},
-        "prune": {"sparsity": sparsity, "allocation": "global", "exclude": []},
-        "method": {"name": method, "settings": settings},
-    }
-
-
-def mask_keeping(kept: list[int]) -> dict[str, torch.Tensor]:
-    """Masks over LAYERS keeping exactly the flat indices ``kept``."""
-    flat = torch.zeros(N_WEIGHTS, dtype=torch.bool)
-    flat[kept] = True
-    out, start = {}, 0
-    for name, shape in LAYERS.items():
-        n = shape[0] * shape[1]
-        out[name] = flat[start:start + n].reshape(shape).clone()
-        start += n
-    return out
-
-
-def add_run(store: Store, method: str, sparsity: float, seed: int, *, model: str = "lenet300",
-            dataset: str = "fashion-mnist", settings: dict[str, Any] | None = None, test_acc: float = 0.85,
-            selected: float | None = 0.86, achieved: float | None = None, epochs: int = 30,
-            train_flops: float = 1.2e12, dense_flops: float = 3e12, collapsed: tuple[str, ...] = (),
-            reused: tuple[str, ...] = (), kept: list[int] | None = None, finish: bool = True,
-            dynamic: dict[str, float] | None = None) -> str:
-    cfg = config(method, sparsity, seed, model, dataset, settings or {})
-    rid = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    head = {"method": method, "model": model, "dataset": dataset, "target_sparsity": sparsity, "seed": seed}
-    folder = store.begin(rid, cfg, head)
-    if not finish:
-        return rid
-    if kept is None:
-        k = round((1 - sparsity) * N_WEIGHTS)
-        kept = torch.randperm(N_WEIGHTS, generator=torch.Generator().manual_seed(seed))[:k].tolist()
-    mask_sha256 = folder.write_torch(MASK, mask_keeping(kept))
-    store.finish(rid, {
-        "run_id": rid, "status": "ok", **head,
-        "sparsity": sparsity if achieved is None else achieved,
-        "test_acc": test_acc, "val_acc": test_acc + 0.01, "selected_epoch": epochs,
-        "selected_val_acc": test_acc + 0.01, "selected_test_acc": selected,
-        "epochs": epochs, "steps": 100 * epochs, "wall_s": 10.0 * (seed + 1),
-        "train_flops": train_flops, "dense_train_flops": dense_flops,
-        "collapsed_layers": list(collapsed), "reused_runs": list(reused), "notes": [], "mask_sha256": mask_sha256,
-        **(dynamic or {}),
-    })
-    return rid
-
+from fake_runs import LAYERS, add_run, mask_keeping
 
 PROG_ACC = (0.90, 0.91, 0.95)
 PROG_SEL = (0.91, 0.92, 0.96)
@@ -210,7 +152,7 @@ def test_warnings_list_failed_collapse_few_seeds_missed_and_unfinished(store_roo
     found = find_warnings(records, build_tables(records))
     assert any(ids["failed"] in line and "boom" in line for line in found["Failed runs"])
     assert any(ids["collapsed"] in line and "fc3.weight" in line for line in found["Layer collapse"])
-    assert found["Fewer than 3 seeds"] == ["lenet300/fashion-mnist oneshot at sparsity 90%: 2 seed(s) (0, 1)"]
+    assert found["Fewer than 3 seeds"] == ["lenet300 on fashion-mnist: oneshot at sparsity 90%: 2 seed(s) (0, 1)"]
     assert len(found["Target sparsity missed"]) == 1 and "49.0000%" in found["Target sparsity missed"][0]
     assert len(found["Unfinished runs"]) == 1 and "still running" in found["Unfinished runs"][0]
     write_report(store_root, tmp_path)

@@ -12,12 +12,16 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunelab.cli.output import print_summary, print_table
 from prunelab.cli.parser import FIELD_FLAGS, FLAG_KEYS, runtime_of, store_dir
 from prunelab.errors import Diverged, UserError
 from prunelab.io import json_text
+
+#: The claims `prunelab report` checks by default: the repository's file, relative to where it runs.
+DEFAULT_CLAIMS = Path("studies/claims.yaml")
 
 if TYPE_CHECKING:
     from prunelab.runs.store import RunRecord
@@ -138,7 +142,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from prunelab.report import write_report
 
     where = dict(key_value(item, "--where", "field=value") for item in args.where)
-    paths = write_report(store_dir(args.store), args.out, where, args.layer_sparsity, args.reference)
+    if args.claims is None:  # outside the repository there is no claims file to check, and none was asked for
+        claims = DEFAULT_CLAIMS if DEFAULT_CLAIMS.is_file() else None
+    else:
+        claims = None if args.claims == "none" else Path(args.claims)
+    paths = write_report(store_dir(args.store), args.out, where, args.layer_sparsity, args.reference, claims)
     if args.json:
         print(json_text([str(p) for p in paths]))
     else:

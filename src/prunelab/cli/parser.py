@@ -125,6 +125,9 @@ def _add_report_and_store(sub: Subparsers) -> None:
     rep.add_argument("--layer-sparsity", type=float, help="sparsity for the per-layer and mask-overlap plots")
     rep.add_argument("--reference", default="progressive",
                      help="method every variant is compared with (Welch's 95%% interval); default progressive")
+    rep.add_argument("--claims", default=None, metavar="FILE",
+                     help="claims file checked in a Claims section (default: studies/claims.yaml when it exists "
+                          "here, the repository's claims of the seeds; 'none' for no section)")
     _add_store_options(rep)
 
     sto = sub.add_parser("store", help="maintain a store: rebuild its index from the run folders")

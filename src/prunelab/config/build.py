@@ -211,22 +211,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return flatten(read_yaml_tree(path))
 
 
-def read_yaml_tree(path: Path) -> Mapping[str, Any]:
+def read_yaml_tree(path: Path, what: str = "config file") -> Mapping[str, Any]:
     """The mapping a YAML file holds; one sentence for a missing, unreadable or malformed file."""
     try:
-        tree = safe_yaml.read(Path(path), f"config file {path}")
+        tree = safe_yaml.read(Path(path), f"{what} {path}")
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read config file {path}: {exc}") from None
+        raise UserError(f"cannot read {what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{line}") from None
+        raise UserError(f"{what} {path} is not valid YAML{line}") from None
     if tree is None:
         return {}
     if not isinstance(tree, Mapping):
-        raise UserError(f"config file {path} must hold a mapping of settings, not {type(tree).__name__}")
+        raise UserError(f"{what} {path} must hold a mapping, not {type(tree).__name__}")
     return tree
 
 

@@ -143,7 +143,7 @@ def accuracy_vs_density(
         ax.set_xticks(ticks, [pct(1.0 - d) for d in ticks], rotation=45)
         ax.set_xlabel("target sparsity (x: weights remaining, log scale)")
         ax.set_ylabel("final-epoch test accuracy (%)")
-        ax.set_title(f"{table.model} on {table.dataset}: accuracy vs sparsity")
+        ax.set_title(f"{table.title}: accuracy vs sparsity")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return fig
 
@@ -191,7 +191,7 @@ def accuracy_vs_cost(table: Table, colors: Mapping[str, tuple[float, ...]]) -> F
             handles.append(Line2D([], [], color="grey", marker="D", ls="none"))
             names.append("dense (for reference, not in the front)")
         fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False)
-        fig.suptitle(f"{table.model} on {table.dataset}: accuracy vs training cost")
+        fig.suptitle(f"{table.title}: accuracy vs training cost")
     return fig
 
 
@@ -272,3 +272,42 @@ def epoch_curves(
         fig.legend(loc="outside right upper", fontsize=7, frameon=False)
     return fig
 
+
+
+def accuracy_vs_budget(tables: Sequence[Table], colors: Mapping[str, tuple[float, ...]]) -> Figure:
+    """One panel per target sparsity: final test accuracy against the training budget (log), a line per
+    variant across the budget tables of one (model, dataset); dense as a dashed grey line."""
+    targets = sorted({r.target for t in tables for r in t.rows if r.target > 0})
+    budgets = sorted(t.budget for t in tables if t.budget is not None)
+    ncols = min(len(targets), 3) or 1
+    nrows = math.ceil(len(targets) / ncols) or 1
+    labels = list(dict.fromkeys(label for t in tables for label in t.labels))
+    with style():
+        fig = new_figure(3.8 * ncols + 3.2, 3.2 * nrows + 0.4)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(targets):]:
+            ax.set_visible(False)
+        for ax, target in zip(axes.flat, targets):
+            for label in labels:
+                points = [(t.budget, _acc(r)) for t in tables for r in t.rows_of(label)
+                          if (r.target == target or r.method == "dense") and _acc(r) is not None]
+                if not points:
+                    continue
+                xs, accs = [p[0] for p in points], [p[1] for p in points]
+                dense = label.startswith("dense")
+                ax.errorbar(xs, [a[0] for a in accs], yerr=[a[1] for a in accs], capsize=3, lw=1.2, ms=4,
+                            marker="D" if dense else "o", ls="--" if dense else "-",
+                            color="grey" if dense else colors[label])
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.set_title(f"sparsity {pct(target)}", fontsize=9)
+            ax.set_xlabel("training budget (epochs, log)")
+            ax.set_ylabel("final test acc. (%)")
+        handles = [Line2D([], [], color="grey" if label.startswith("dense") else colors[label],
+                          marker="D" if label.startswith("dense") else "o",
+                          ls="--" if label.startswith("dense") else "-") for label in labels]
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
+        fig.suptitle(f"{tables[0].model} on {tables[0].dataset}: accuracy vs matched training budget "
+                     "(mean ± std over seeds)")
+    return fig

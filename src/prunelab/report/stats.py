@@ -65,7 +65,8 @@ def reference_row(table: Table, target: float, method: str) -> Row | None:
     return next((r for r in rows if r.label == method), rows[0] if rows else None)
 
 
-def _accuracies(row: Row) -> list[float]:
+def accuracies(row: Row) -> list[float]:
+    """The row's final test accuracies, one per seed (fractions)."""
     return [s.test_acc for s in row.summaries if s.test_acc is not None]
 
 
@@ -76,7 +77,7 @@ def compare_cells(table: Table, row: Row, method: str) -> tuple[str, str]:
     reference = reference_row(table, row.target, method)
     if reference is None:
         return "n/a", f"no {method} run at this sparsity"
-    found = welch(_accuracies(row), _accuracies(reference))
+    found = welch(accuracies(row), accuracies(reference))
     if found is None:
         return "n/a", "needs 2 seeds on each side"
     return (f"{100 * found.difference:+.2f} [{100 * found.low:+.2f}, {100 * found.high:+.2f}]", found.verdict)

@@ -3,11 +3,15 @@
 A *variant* is a set of runs whose resolved configs are identical except for
 the seed and the target sparsity; a *row* is one variant at one target
 sparsity, aggregated over its seeds. Only runs with status ``ok`` enter rows.
+Runs with a training budget (``train.budget``) form a table per budget, and
+there a variant ignores what the budget decided (:data:`prunelab.methods.SPENT_FIELDS`:
+each method's cycle length), so that one method is one variant at every budget.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import statistics
 from functools import cached_property
@@ -15,7 +19,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prunelab.config.build import build_config
+from prunelab.config.identity import to_dict
 from prunelab.errors import UserError
+from prunelab.methods import SPENT_FIELDS
 from prunelab.runs.store import RunRecord
 from prunelab.runs.summary import RunSummary
 
@@ -28,8 +35,8 @@ FILTER_ALIASES = {
     "lr": "train.lr",
     "batch_size": "train.batch_size",
 }
-# Config paths that distinguish rows or seeds, never variants.
-NOT_VARIANT = ("seed", "prune.sparsity")
+# Config paths that distinguish rows, seeds or tables, never variants.
+NOT_VARIANT = ("seed", "prune.sparsity", "train.budget")
 
 
 def normalize(value: Any) -> str:
@@ -148,6 +155,13 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def percent_pm(mean: float | None, std: float | None) -> str:
+    """Accuracy fractions as ``89.14 ± 0.10`` (percent), ``n/a`` for what is missing."""
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f} ± " + (f"{100 * std:.2f}" if std is not None else "n/a")
+
+
 def dense_epochs(summary: RunSummary) -> float | None:
     """Training cost as epochs of dense training of the same model: train_flops / (dense FLOPs per epoch)."""
     flops, dense, epochs = summary.train_flops, summary.dense_train_flops, summary.epochs
@@ -239,11 +253,20 @@ class Row:
 
 @dataclass(frozen=True)
 class Table:
-    """All rows of one (model, dataset), sorted by method (dense first), variant label, sparsity."""
+    """All rows of one (model, dataset, budget), sorted by method (dense first), variant label, sparsity.
+
+    ``budget`` is the runs' ``train.budget`` in epochs, None for runs without one (their cycle
+    length is then part of each variant)."""
 
     model: str
     dataset: str
     rows: tuple[Row, ...]
+    budget: int | None = None
+
+    @property
+    def title(self) -> str:
+        """``lenet300 on fashion-mnist``, with ``, budget 40 epochs`` for a budget's table."""
+        return f"{self.model} on {self.dataset}" + (f", budget {self.budget} epochs" if self.budget else "")
 
     @property
     def labels(self) -> list[str]:
@@ -263,9 +286,29 @@ def method_rank(method: str) -> tuple[int, str]:
     return (0 if method == "dense" else 1, method)
 
 
+def budget_of(record: RunRecord) -> int | None:
+    """The run's ``train.budget`` (None without one)."""
+    budget = record.config.get("train", {}).get("budget")
+    return None if budget is None else int(budget)
+
+
+@functools.cache
+def _defaults(method: str) -> dict[str, Any]:
+    """Every config path of ``method`` at its default, as this version writes configs ({} for a method
+    this version does not know)."""
+    try:
+        return flatten(to_dict(build_config({"method.name": method})))
+    except UserError:
+        return {}
+
+
 def variant_key(record: RunRecord) -> tuple[tuple[str, str], ...]:
-    flat = flatten(record.config)
-    return tuple(sorted((k, normalize(v)) for k, v in flat.items() if k not in NOT_VARIANT))
+    """The config that makes the run's variant: all but :data:`NOT_VARIANT` and, under a budget, what
+    the budget set. A field the run's config lacks (stored before the field existed) counts at its
+    default: the run ids promise that a field added at its default changes nothing."""
+    flat = {**_defaults(record.method), **flatten(record.config)}
+    skip = NOT_VARIANT + (SPENT_FIELDS if budget_of(record) is not None else ())
+    return tuple(sorted((k, normalize(v)) for k, v in flat.items() if k not in skip))
 
 
 def _labels(keys: Sequence[tuple[tuple[str, str], ...]], method: str) -> dict[tuple, str]:
@@ -281,25 +324,41 @@ def _labels(keys: Sequence[tuple[tuple[str, str], ...]], method: str) -> dict[tu
 
 
 def build_tables(records: Iterable[RunRecord]) -> list[Table]:
-    """One :class:`Table` per (model, dataset) of the ``ok`` records that carry a summary."""
+    """One :class:`Table` per (model, dataset, budget) of the ``ok`` records that carry a summary
+    (tables without a budget first, then by budget)."""
     ok = [r for r in records if r.status == "ok" and r.summary is not None]
-    tables = []
-    for model, dataset in sorted({(r.model, r.dataset) for r in ok}):
-        mine = [r for r in ok if (r.model, r.dataset) == (model, dataset)]
-        groups: dict[tuple[str, tuple, float], list[RunRecord]] = {}
-        for r in mine:
-            groups.setdefault((r.method, variant_key(r), float(r.target_sparsity)), []).append(r)
-        labels: dict[tuple, str] = {}
-        for method in {m for m, _, _ in groups}:
-            keys = list(dict.fromkeys(k for m, k, _ in groups if m == method))
-            labels.update(_labels(keys, method))
-        rows = [
-            Row(model, dataset, method, key, labels[key], target, tuple(sorted(runs, key=lambda r: r.seed)))
-            for (method, key, target), runs in groups.items()
-        ]
-        rows.sort(key=lambda r: (method_rank(r.method), r.label, r.target))
-        tables.append(Table(model, dataset, tuple(rows)))
-    return tables
+    keys = sorted({(r.model, r.dataset, budget_of(r)) for r in ok}, key=lambda k: (k[0], k[1], k[2] or 0))
+    return [_table([r for r in ok if (r.model, r.dataset, budget_of(r)) == key], *key) for key in keys]
+
+
+def _table(mine: Sequence[RunRecord], model: str, dataset: str, budget: int | None) -> Table:
+    groups: dict[tuple[str, tuple, float], list[RunRecord]] = {}
+    for r in mine:
+        groups.setdefault((r.method, variant_key(r), float(r.target_sparsity)), []).append(r)
+    # Dense runs that are no pruned variant's baseline (a budget run's dense pretraining of a few
+    # epochs) are the cost of other runs, not a result: they get no row.
+    recipes = [recipe(k) for m, k, _ in groups if m != "dense"]
+    groups = {(m, k, t): runs for (m, k, t), runs in groups.items()
+              if m != "dense" or not recipes or recipe(k) in recipes}
+    labels: dict[tuple, str] = {}
+    for method in {m for m, _, _ in groups}:
+        keys = list(dict.fromkeys(k for m, k, _ in groups if m == method))
+        labels.update(_labels(keys, method))
+    rows = [
+        Row(model, dataset, method, key, labels[key], target, tuple(sorted(runs, key=lambda r: r.seed)))
+        for (method, key, target), runs in groups.items()
+    ]
+    rows.sort(key=lambda r: (method_rank(r.method), r.label, r.target))
+    return Table(model, dataset, tuple(rows), budget)
+
+
+# The config paths that make a recipe: a variant is compared with the dense run that shares them.
+RECIPE = ("train.", "data.", "model.")
+
+
+def recipe(variant: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """A variant's training, data and model settings: what its dense baseline shares with it."""
+    return {k: v for k, v in variant if k.startswith(RECIPE)}
 
 
 def choose_sparsity(table: Table, wanted: float | None) -> float | None:

@@ -8,11 +8,15 @@ from pathlib import Path
 
 from prunelab.errors import UserError
 from prunelab.report import plots
+from prunelab.report.budgets import budget_sections
+from prunelab.report.claims import claims_section, read_claims
 from prunelab.report.document import Block, Bullets, Heading, Image, Para, TableBlock, to_html, to_markdown
 from prunelab.report.masks import iou_matrix, layer_densities, load_mask
 from prunelab.report.references import Reference, references_for
 from prunelab.report.stats import REFERENCE, compare_cells
-from prunelab.report.tables import Row, Table, build_tables, choose_sparsity, filter_records, with_baseline
+from prunelab.report.tables import (
+    Row, Table, build_tables, choose_sparsity, filter_records, percent_pm, recipe, with_baseline,
+)
 from prunelab.io import atomic_write_bytes
 from prunelab.runs.store import INDEX, RunRecord, Store
 
@@ -43,6 +47,7 @@ def write_report(
     where: Mapping[str, str] | None = None,
     layer_sparsity: float | None = None,
     reference: str = REFERENCE,
+    claims: Path | None = None,
 ) -> list[Path]:
     """Write ``report.md``, a self-contained ``report.html`` and every plot (PNG and SVG) into ``out``.
 
@@ -50,9 +55,12 @@ def write_report(
     runs of the same recipe (the baseline is always shown);
     ``layer_sparsity`` is the target sparsity of the per-layer and mask-overlap views
     (default: the highest one shared by the most methods); every variant's final test accuracy
-    is compared with ``reference``'s at the same sparsity (Welch's 95% interval, a verdict).
+    is compared with ``reference``'s at the same sparsity and budget (Welch's 95% interval, a verdict);
+    ``claims``, a claims file (:mod:`prunelab.report.claims`), adds a Claims section with their verdicts.
+    Runs with a training budget get a table per budget and a matched-budgets section.
     Returns the written paths.
     """
+    checked = read_claims(claims) if claims is not None else []  # a bad claims file stops before any work
     store_root, out = Path(store_root), Path(out)
     if not (store_root / INDEX).exists():
         raise UserError(f"there is no run store at {store_root} (no {INDEX})")
@@ -65,6 +73,9 @@ def write_report(
     tables = build_tables(records)
     written: list[Path] = []
     blocks: list[Block] = [Heading(1, "prunelab report"), Para(PROTOCOL), Para(_counts(store_root, records, where))]
+    if claims is not None:
+        blocks += claims_section(checked, tables, claims.name if claims.is_absolute() else str(claims))
+    blocks += budget_sections(tables, out, reference, written)
     for table in tables:
         blocks += _table_section(table, store_root, out, layer_sparsity, written, reference)
     blocks += _warnings(records, tables)
@@ -90,12 +101,6 @@ def _counts(store_root: Path, records: Sequence[RunRecord], where: Mapping[str, 
 # ---------------------------------------------------------------- formatting
 
 
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{100 * mean:.2f} ± " + (f"{100 * std:.2f}" if std is not None else "n/a")
-
-
 def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -111,15 +116,9 @@ def _reused(row: Row) -> str:
     return "n/a" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
-# The config paths that make a recipe: a variant is compared with the dense run that shares them.
-_RECIPE = ("train.", "data.", "model.")
-
-
 def _vs_dense(table: Table, row: Row) -> str:
     """Mean final test accuracy minus that of the dense run of the same recipe, in points ("n/a" without one)."""
-    recipe = {k: v for k, v in row.variant if k.startswith(_RECIPE)}
-    dense = [d for d in table.rows if d.method == "dense"
-             and {k: v for k, v in d.variant if k.startswith(_RECIPE)} == recipe]
+    dense = [d for d in table.rows if d.method == "dense" and recipe(d.variant) == recipe(row.variant)]
     if row.method == "dense" or len(dense) != 1 or row.test[0] is None or dense[0].test[0] is None:
         return "n/a"
     return f"{100 * (row.test[0] - dense[0].test[0]):+.2f}"
@@ -134,13 +133,14 @@ def result_rows(table: Table, reference: str = REFERENCE) -> list[tuple[str, ...
     """The cells of the results table, one tuple per row of ``table``."""
     cells = []
     for row in table.rows:
-        selected = _pm(*row.selected)
+        selected = percent_pm(*row.selected)
         if 0 < row.n_selected < len(row.runs):
             selected += f" ({row.n_selected} seeds)"
         achieved = row.achieved
         cells.append((
             row.label, plots.pct(row.target), "n/a" if achieved is None else f"{100 * achieved:.2f}%",
-            str(len(row.runs)), _pm(*row.test), _vs_dense(table, row), selected, _num(row.cost, ".1f"), _epochs(row.epochs),
+            str(len(row.runs)), percent_pm(*row.test), _vs_dense(table, row), selected, _num(row.cost, ".1f"),
+            _epochs(row.epochs),
             _num(row.flops, ".2e"), _num(row.wall, ".1f"), _reused(row),
             "n/a" if row.itop is None else f"{100 * row.itop:.1f}", _num(row.moved, ".0f"),
             *compare_cells(table, row, reference),
@@ -152,7 +152,8 @@ def result_rows(table: Table, reference: str = REFERENCE) -> list[tuple[str, ...
 
 
 def _slug(table: Table) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{table.model}_{table.dataset}")
+    budget = f"_budget{table.budget}" if table.budget else ""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{table.model}_{table.dataset}{budget}")
 
 
 def _table_section(
@@ -161,7 +162,7 @@ def _table_section(
 ) -> list[Block]:
     slug, colors = _slug(table), plots.colors_for(table.labels)
     refs = references_for(table.model, table.dataset)
-    blocks: list[Block] = [Heading(2, f"{table.model} on {table.dataset}"), Heading(3, "Results"),
+    blocks: list[Block] = [Heading(2, table.title), Heading(3, "Results"),
                            TableBlock(result_headers(reference), tuple(result_rows(table, reference)))]
 
     blocks.append(Heading(3, "Accuracy vs sparsity"))
@@ -234,7 +235,7 @@ def _curves_section(
     if not series:
         return []
     at, stem = plots.pct(sparsity), f"{_slug(table)}_epochs"
-    written += plots.save(plots.epoch_curves(series, colors, f"{table.model} on {table.dataset}: the runs at "
+    written += plots.save(plots.epoch_curves(series, colors, f"{table.title}: the runs at "
                                              f"sparsity {at}, seed {seed}"), out, stem)
     return [Heading(3, f"Training curves at sparsity {at}"),
             Image(out, stem, f"Validation accuracy and the masks' sparsity after every epoch of each run at "
@@ -293,7 +294,7 @@ def _mask_sections(
     series = {label: layer_densities(m) for label, m in masks.items()}
     layers = list(dict.fromkeys(name for m in masks.values() for name in m))
     stem = f"{_slug(table)}_layer_density"
-    written += plots.save(plots.layer_density(layers, series, colors, f"{table.model} on {table.dataset}: "
+    written += plots.save(plots.layer_density(layers, series, colors, f"{table.title}: "
                                               f"per-layer density at sparsity {at}"), out, stem)
     blocks.append(Image(out, stem, f"Fraction of weights each variant keeps per layer at sparsity {at}"))
     sizes = {name: m[name].numel() for m in masks.values() for name in m}
@@ -329,7 +330,7 @@ def find_warnings(records: Sequence[RunRecord], tables: Sequence[Table]) -> dict
                            "(the network is disconnected)"
                            for r, s in ok if s.collapsed_layers],
         f"Fewer than {MIN_SEEDS} seeds": [
-            f"{t.model}/{t.dataset} {row.label} at sparsity {plots.pct(row.target)}: {len(row.runs)} seed(s) "
+            f"{t.title}: {row.label} at sparsity {plots.pct(row.target)}: {len(row.runs)} seed(s) "
             f"({', '.join(map(str, row.seeds))})"
             for t in tables for row in t.rows if len(row.runs) < MIN_SEEDS],
         "Target sparsity missed": [
