@@ -11,6 +11,7 @@ rate schedule. The round that would pass the target prunes exactly to it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -158,12 +159,20 @@ def _plan(cfg: RunConfig) -> Plan:
 
 def _exact_rounds(cfg: RunConfig) -> int:
     """Pruning rounds to the target, by a dry run on the model's prunable weights (counts only)."""
-    spec = DATASETS.get(cfg.data.dataset)
-    params = prunable_parameters(build_model(cfg.model.name, spec.channels, spec.image_size, spec.num_classes),
-                                 cfg.prune.exclude)
+    return _rounds_of(cfg.model.name, cfg.data.dataset, cfg.prune, cfg.method.settings)
+
+
+@functools.lru_cache(maxsize=256)
+def _rounds_of(model: str, dataset: str, prune: PruneConfig, s: LRRSettings) -> int:
+    """:func:`_exact_rounds` by what it depends on: the seed does not change the counts, so the points
+    of a sweep that differ only in seed, budget or training settings share one dry run."""
+    spec = DATASETS.get(dataset)
+    with torch.random.fork_rng(devices=[]):  # planning draws no numbers from the caller's generator
+        net = build_model(model, spec.channels, spec.image_size, spec.num_classes)
+    params = prunable_parameters(net, prune.exclude)
     masks = full_masks(params)
-    target_kept = round((1 - cfg.prune.sparsity) * count_total(masks))
-    return prune_rounds(params, masks, cfg.method.settings, cfg.prune, target_kept)
+    target_kept = round((1 - prune.sparsity) * count_total(masks))
+    return prune_rounds(params, masks, s, prune, target_kept)
 
 
 def _spend(cfg: RunConfig, budget: int) -> RunConfig:
