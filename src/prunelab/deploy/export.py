@@ -2,33 +2,29 @@
 
 :func:`export_run` does it for a finished run of the store: it rebuilds the
 run's model from the registry, loads its stored weights and writes the chosen
-format. The ONNX export is checked at once by running onnxruntime on a fixed
-batch and comparing with PyTorch.
+format. The ONNX export (:func:`prunelab.deploy.onnx_export.export_onnx`) is
+checked at once by running onnxruntime on a seeded batch and comparing with PyTorch.
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from prunelab.data import DATASETS
 from prunelab.errors import UserError
 from prunelab.models import build_model
-from prunelab.models.modes import eval_mode
+from prunelab.deploy.onnx_export import export_onnx
 from prunelab.deploy.sparse_format import plain_state_dict, save_sparse
-from prunelab.io import atomic_torch_save, atomic_write_bytes
+from prunelab.io import atomic_torch_save
 from prunelab.runs.store import Store
 from prunelab.sparsity.channel_cut import replay_cuts
 
 FORMATS = ("dense", "sparse", "onnx")
-ONNX_OPSET = 17
 CHECK_EXAMPLES = 8  # size of the batch an ONNX export is checked on
 CHECK_SEED = 0
 
@@ -40,45 +36,6 @@ def save_dense(model_or_state: nn.Module | Mapping[str, Tensor], path: Path) -> 
     from the registry alone: no mask entries, no ``weight_orig`` / ``weight_mask``.
     """
     atomic_torch_save(Path(path), plain_state_dict(model_or_state))
-
-
-def _onnxruntime() -> Any:
-    """The onnxruntime module, or one sentence saying how to install the ONNX extra."""
-    try:
-        import onnx  # noqa: F401 (torch's exporter needs it; checked here to fail early and clearly)
-        import onnxruntime
-    except ImportError:
-        raise UserError("ONNX export needs the onnx and onnxruntime packages; "
-                        "install them with pip install 'prunelab[onnx]'") from None
-    return onnxruntime
-
-
-def export_onnx(model: nn.Module, example: Tensor, path: Path) -> float:
-    """Export ``model`` (in eval mode) to ONNX at ``path`` with a dynamic batch axis.
-
-    Runs the exported graph with onnxruntime on ``example`` and returns the
-    largest absolute difference from PyTorch's output. The model's
-    training/eval mode is restored afterwards.
-    """
-    ort = _onnxruntime()
-    buffer = io.BytesIO()
-    with eval_mode(model), torch.no_grad():
-        expected = model(example).cpu().numpy()
-        # The TorchScript exporter (dynamo=False) needs neither onnxscript nor
-        # torch.export tracing and exports every model of the zoo; its deprecation
-        # warning would only be noise to the user of an export command.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-    graph = buffer.getvalue()
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"input": example.detach().cpu().numpy()})
-    atomic_write_bytes(Path(path), graph)
-    return float(np.abs(got - expected).max()) if expected.size else 0.0
 
 
 def run_model(model: str, dataset: str, channel_cuts: Sequence[Mapping[str, Sequence[int]]] | None = None
@@ -144,7 +101,8 @@ def export_run(store_root: Path, run_id_prefix: str, fmt: str, out: Path, force:
         generator = torch.Generator().manual_seed(CHECK_SEED)
         # Normalized images are roughly standard normal, so Gaussian inputs exercise the same range.
         example = torch.randn(CHECK_EXAMPLES, spec.channels, spec.image_size, spec.image_size, generator=generator)
-        result["max_abs_diff"] = export_onnx(model, example, out)
+        exported = export_onnx(model, example, out, output_names=["logits"])
+        result["max_abs_diff"] = exported.max_abs_diff
         result["check_examples"] = CHECK_EXAMPLES
     result["bytes"] = out.stat().st_size
     return result

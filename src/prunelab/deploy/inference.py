@@ -31,6 +31,7 @@ from torch import nn
 from prunelab.errors import UserError
 from prunelab.deploy.shrink import shrink as shrink_model
 from prunelab.models.modes import eval_mode
+from prunelab.models.outputs import ExampleInput, as_inputs, call, max_abs_difference, output_tensors, within
 from prunelab.sparsity.channel_cut import remove_channels
 from prunelab.sparsity.channels import dead_channels, find_groups
 
@@ -177,7 +178,7 @@ def sparse_inference(
     model: nn.Module,
     threshold: float = DEFAULT_THRESHOLD,
     shrink: bool = True,
-    example_input: torch.Tensor | None = None,
+    example_input: ExampleInput | None = None,
     min_weights: int = DEFAULT_MIN_WEIGHTS,
 ) -> nn.Module:
     """A model computing the same function as ``model``, faster on CPU; for inference only.
@@ -195,8 +196,10 @@ def sparse_inference(
     The result is a new model in eval mode sharing no storage with ``model``,
     with no trainable parameters; call it under ``torch.no_grad()`` or
     ``torch.inference_mode()``. Its outputs equal ``model``'s (in eval mode) up
-    to float rounding. With ``example_input``, that is checked on it: a max
-    abs difference above 1e-5 (times the largest output magnitude, when that
+    to float rounding. With ``example_input`` (a tensor, or a tuple of the
+    model's positional inputs), that is checked on it, for outputs of any
+    kind (tensors, tuples, dicts, Hugging Face ``ModelOutput``s): a max abs
+    difference above 1e-5 (times the largest output magnitude, when that
     exceeds 1) raises RuntimeError, which would be a bug in prunelab.
     """
     if not 0.0 <= threshold <= 1.0:
@@ -211,33 +214,36 @@ def sparse_inference(
     return result
 
 
-def _without_dead_channels(model: nn.Module, example_input: torch.Tensor | None) -> nn.Module:
+def _without_dead_channels(model: nn.Module, example_input: ExampleInput | None) -> nn.Module:
     """``model``, or (with an example input to trace) a copy without the channel groups whose every output
     parameter is zero, residual groups included (:func:`prunelab.sparsity.channels.dead_channels`)."""
     if example_input is None:
         return model
+    inputs = as_inputs(example_input)
+    if len(inputs) != 1:  # the channel tracer takes one input tensor; shrink still runs
+        return model
     copied = copy.deepcopy(model).eval()
     try:
-        groups = find_groups(copied, example_input[:1])
+        groups = find_groups(copied, inputs[0][:1])
     except Exception:  # noqa: BLE001 (a model Torch-Pruning cannot trace keeps its channels; shrink still runs)
         return model
     remove_channels(copied, groups, dead_channels(copied, groups))
     return copied
 
 
-def _check_same_function(model: nn.Module, result: nn.Module, example_input: torch.Tensor) -> None:
-    """Raise RuntimeError if ``result`` and ``model`` (in eval mode) differ on ``example_input``."""
+def _check_same_function(model: nn.Module, result: nn.Module, example_input: ExampleInput) -> None:
+    """Raise RuntimeError if ``result`` and ``model`` (in eval mode) differ on ``example_input``.
+
+    Outputs of any kind compare tensor by tensor (:func:`prunelab.models.outputs.output_tensors`).
+    """
     with torch.no_grad(), eval_mode(model):
-        expected, actual = model(example_input), result(example_input)
-    if expected.shape != actual.shape:
-        raise RuntimeError(
-            f"sparse_inference changed the output shape from {tuple(expected.shape)} "
-            f"to {tuple(actual.shape)}; this is a bug in prunelab, please report it with the model"
-        )
-    error = float((expected - actual).abs().max()) if expected.numel() else 0.0
-    # Absolute for outputs of order 1, relative for larger ones: summation order changes rounding.
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    if not error <= _TOLERANCE * max(1.0, scale):
+        expected, actual = output_tensors(call(model, example_input)), output_tensors(call(result, example_input))
+    try:
+        error, scale = max_abs_difference(expected, actual)
+    except ValueError as mismatch:
+        raise RuntimeError(f"sparse_inference changed the model's outputs ({mismatch}); this is a bug in "
+                           "prunelab, please report it with the model") from None
+    if not within(error, scale, _TOLERANCE):
         raise RuntimeError(
             f"sparse_inference changed the model's output on example_input (max abs difference "
             f"{error:.3g}); this is a bug in prunelab, please report it with the model"

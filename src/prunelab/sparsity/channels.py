@@ -32,7 +32,7 @@ from torch import nn
 
 from prunelab.errors import UserError
 from prunelab.models.modes import eval_mode
-from prunelab.sparsity.scores import Batch, cross_entropy_grads
+from prunelab.sparsity.scores import Batch, LossFn, loss_grads
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -173,17 +173,19 @@ def bn_scale_scores(model: nn.Module, group: Group) -> torch.Tensor | None:
     return sum((_per_channel(group, m, w.abs(), 0) for m, w in scales), torch.zeros(group.channels, dtype=torch.float64))
 
 
-def taylor_scores(model: nn.Module, groups: Sequence[Group], batches: Sequence[Batch]) -> list[torch.Tensor]:
+def taylor_scores(model: nn.Module, groups: Sequence[Group], batches: Sequence[Batch],
+                  loss_fn: LossFn | None = None) -> list[torch.Tensor]:
     """Molchanov et al. 2019: per batch, (sum of w * dL/dw over every output parameter of the channel:
-    weights, biases, BatchNorm scale and shift)^2, averaged over ``batches``; in eval mode."""
+    weights, biases, BatchNorm scale and shift)^2, averaged over ``batches``; in eval mode. L is
+    ``loss_fn(model, batch)`` (default: cross-entropy)."""
     if not batches:
         raise ValueError("taylor needs at least one batch")
     parts = [_out_parameters(model, g, norms=False) + _out_parameters(model, g, norms=True) for g in groups]
     params = {f"{i}.{j}": p for i, part in enumerate(parts) for j, (_, _, p) in enumerate(part)}
     totals = [torch.zeros(g.channels, dtype=torch.float64) for g in groups]
     with eval_mode(model):
-        for x, y in batches:
-            grads = cross_entropy_grads(model, params, x, y)
+        for batch in batches:
+            grads = loss_grads(model, params, batch, loss_fn)
             for i, (g, part) in enumerate(zip(groups, parts)):
                 first = torch.zeros(g.channels, dtype=torch.float64)
                 for j, (m, _, p) in enumerate(part):

@@ -31,10 +31,12 @@ from prunelab.sparsity.channels import Group
 from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import BATCHES, ITERATIONS, REINIT, SAMPLES_PER_CLASS, TEMPERATURE, Knob
 from prunelab.sparsity.mask import Masks
-from prunelab.sparsity.scores import Batch
+from prunelab.sparsity.scores import Batch, LossFn
 from prunelab.sparsity.structure import CHANNEL, UNSTRUCTURED
 
 Needs = Literal["weights", "batches", "batch", "balanced", "shape"]
+DATA_NEEDS: tuple[Needs, ...] = ("batches", "batch", "balanced")
+"""The needs of criteria that score on data (through a loss)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Probe:
     batches: Sequence[Batch] = ()
     input_shape: tuple[int, ...] = ()
     generator: torch.Generator | None = None
+    loss_fn: LossFn | None = None
+    """``(model, batch) -> scalar loss`` the data-driven criteria differentiate; None: cross-entropy."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,15 @@ def _ranked(probe_scores: scores.Scores, target: Target) -> Masks:
     return allocate(probe_scores, target.density, target.allocation, target.current, target.structure)
 
 
-def _sample(probe: Probe) -> Batch:
-    """All the probe's batches as one (a single batch is returned as it is)."""
+def _sample(probe: Probe, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All the probe's batches as one (a single batch is returned as it is); each must be a pair."""
+    pairs = all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)
+                for b in probe.batches)
+    if not pairs:
+        raise UserError(f"criterion {name!r} scores all batches as one sample, so they must be (inputs, labels) "
+                        "pairs of tensors (loss_fn then gets the pair); taylor and hessian take any batch")
     if len(probe.batches) == 1:
-        return probe.batches[0]
+        return probe.batches[0][0], probe.batches[0][1]
     return torch.cat([x for x, _ in probe.batches]), torch.cat([y for _, y in probe.batches])
 
 
@@ -130,7 +139,7 @@ def _bn_scales(probe: Probe, groups: Sequence[Group]) -> list[torch.Tensor | Non
 
 
 def _channel_taylor(probe: Probe, groups: Sequence[Group]) -> list[torch.Tensor | None]:
-    return list(channels.taylor_scores(probe.model, groups, probe.batches))
+    return list(channels.taylor_scores(probe.model, groups, probe.batches, probe.loss_fn))
 
 
 @_register("magnitude", "|w|; for channels the L1 norm of the channel's filter (Li et al. 2017)", "weights",
@@ -143,13 +152,14 @@ def _magnitude(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
            "(sum of w * dL/dw over the channel)^2 (Molchanov et al. 2019)", "batches", BATCHES, trained=True,
            channel=_channel_taylor)
 def _taylor(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
-    return _ranked(scores.taylor(probe.model, probe.params, probe.batches), target)
+    return _ranked(scores.taylor(probe.model, probe.params, probe.batches, probe.loss_fn), target)
 
 
 @_register("hessian", "OBD 0.5 * diag(H) * w^2, diag(H) by Hutchinson's estimator", "batches", BATCHES,
            trained=True)
 def _hessian(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
-    return _ranked(scores.hessian(probe.model, probe.params, probe.batches, 1, probe.generator), target)
+    return _ranked(scores.hessian(probe.model, probe.params, probe.batches, 1, probe.generator, probe.loss_fn),
+                   target)
 
 
 @_register("random", "i.i.d. uniform scores", "weights", at_init=True)
@@ -159,19 +169,20 @@ def _random(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
 
 @_register("snip", "SNIP: |g * w| on one batch (Lee et al. 2019)", "batch", at_init=True)
 def _snip(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
-    x, y = _sample(probe)
-    return _ranked(pai.snip_scores(probe.model, probe.params, x, y), target)
+    x, y = _sample(probe, "snip")
+    return _ranked(pai.snip_scores(probe.model, probe.params, x, y, loss_fn=probe.loss_fn), target)
 
 
 @_register("grasp", "GraSP: remove the highest -w * Hg (Wang et al. 2020)", "balanced", TEMPERATURE,
            SAMPLES_PER_CLASS, REINIT, at_init=True)
 def _grasp(probe: Probe, target: Target, knobs: Mapping[str, Any]) -> Masks:
-    x, y = _sample(probe)
+    x, y = _sample(probe, "grasp")
     model, params = probe.model, probe.params
     if knobs.get("reinit", REINIT.default):
         model, params = pai.xavier_redrawn(model, params, probe.generator)
     return pai.grasp_masks(model, params, x, y, target.density, target.allocation,
-                           knobs.get("temperature", TEMPERATURE.default), target.current, target.structure)
+                           knobs.get("temperature", TEMPERATURE.default), target.current, target.structure,
+                           loss_fn=probe.loss_fn)
 
 
 @_register("synflow", "SynFlow: data-free, iterative |w * dR/dw| (Tanaka et al. 2020)", "shape", ITERATIONS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from prunelab.models.modes import eval_mode
 from prunelab.sparsity.allocate import allocate
 from prunelab.sparsity.knobs import ITERATIONS, TEMPERATURE
 from prunelab.sparsity.mask import Masks, count_kept, count_total, full_masks
-from prunelab.sparsity.scores import Scores, cross_entropy_grads
+from prunelab.sparsity.scores import LossFn, Scores, cross_entropy_loss, loss_grads
 from prunelab.sparsity.structure import UNSTRUCTURED
 
 
@@ -46,15 +47,17 @@ def balanced_sample(
 
 
 def snip_scores(
-    model: nn.Module, params: Mapping[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, params: Mapping[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor, *,
+    loss_fn: LossFn | None = None,
 ) -> Scores:
     """SNIP's connection sensitivity |g * w| (Lee et al. 2019) on one batch, BatchNorm in eval mode.
 
+    g is the gradient of ``loss_fn(model, (x, y))`` (default: cross-entropy).
     The paper normalises by the sum over all weights; that does not change
     which weights are kept, so it is left out.
     """
     with eval_mode(model):
-        grads = cross_entropy_grads(model, params, x, y)
+        grads = loss_grads(model, params, (x, y), loss_fn)
     return {name: (grads[name] * p.detach()).abs() for name, p in params.items()}
 
 
@@ -67,9 +70,11 @@ def snip_masks(
     allocation: str = "global",
     current: Masks | None = None,
     structure: str = UNSTRUCTURED,
+    *,
+    loss_fn: LossFn | None = None,
 ) -> Masks:
     """Masks keeping the highest SNIP scores."""
-    return allocate(snip_scores(model, params, x, y), density, allocation, current, structure)
+    return allocate(snip_scores(model, params, x, y, loss_fn=loss_fn), density, allocation, current, structure)
 
 
 def grasp_scores(
@@ -78,20 +83,25 @@ def grasp_scores(
     x: torch.Tensor,
     y: torch.Tensor,
     temperature: float = TEMPERATURE.default,
+    *,
+    loss_fn: LossFn | None = None,
 ) -> Scores:
     """GraSP's score S = -w * (H g) (Wang et al. 2020), logits divided by ``temperature``.
 
-    g is the gradient of the cross-entropy, taken as a constant; H g is the
+    g is the gradient of the cross-entropy (of ``loss_fn(model, (x, y))`` when
+    given, used as it is: ``temperature`` scales only the default loss's
+    logits), taken as a constant; H g is the
     gradient of z = g . grad(L) (a second, differentiable gradient, then a
     double backward). A weight with a high S is one whose removal reduces
     the gradient flow least, or even raises it: GraSP REMOVES the highest S,
     so :func:`grasp_masks` keeps the lowest. BatchNorm is in eval mode.
     """
+    loss = loss_fn or partial(cross_entropy_loss, temperature=temperature)
     with eval_mode(model):
-        g = cross_entropy_grads(model, params, x, y, temperature=temperature)
-        grads = cross_entropy_grads(model, params, x, y, create_graph=True, temperature=temperature)
+        g = loss_grads(model, params, (x, y), loss)
+        grads = loss_grads(model, params, (x, y), loss, create_graph=True)
         z = sum((g[name].detach() * grads[name]).sum() for name in params)
-        hg = torch.autograd.grad(z, list(params.values()))
+        hg = torch.autograd.grad(z, list(params.values()), materialize_grads=True)
     return {name: -p.detach() * h for (name, p), h in zip(params.items(), hg, strict=True)}
 
 
@@ -105,9 +115,11 @@ def grasp_masks(
     temperature: float = TEMPERATURE.default,
     current: Masks | None = None,
     structure: str = UNSTRUCTURED,
+    *,
+    loss_fn: LossFn | None = None,
 ) -> Masks:
     """Masks keeping the LOWEST GraSP scores (allocation ranks -S, higher = keep)."""
-    scores = grasp_scores(model, params, x, y, temperature)
+    scores = grasp_scores(model, params, x, y, temperature, loss_fn=loss_fn)
     return allocate({name: -s for name, s in scores.items()}, density, allocation, current, structure)
 
 
