@@ -29,10 +29,10 @@ from prunelab.errors import UserError
 from prunelab.sparsity.allocate import ALLOCATORS, allocate
 from prunelab.sparsity.channel_cut import choose_channels, remove_channels
 from prunelab.sparsity.channels import find_groups
-from prunelab.sparsity.criteria import CRITERIA, Probe, Target
+from prunelab.sparsity.criteria import CRITERIA, DATA_NEEDS, Probe, Target
 from prunelab.sparsity.mask import Masker, Masks, collapsed_layers, mask_sparsity, prunable_parameters
 from prunelab.sparsity.schedules import PolynomialSchedule
-from prunelab.sparsity.scores import Batch, magnitude
+from prunelab.sparsity.scores import Batch, LossFn, magnitude
 from prunelab.sparsity.structure import CHANNEL, UNSTRUCTURED, check_groupable, check_sparsity, parse_structure
 
 
@@ -49,6 +49,7 @@ def prune(
     generator: torch.Generator | None = None,
     input_shape: Sequence[int] = (),
     structure: str = UNSTRUCTURED,
+    loss_fn: LossFn | None = None,
 ) -> Masks:
     """Prune ``model`` once to exactly ``sparsity`` of its prunable weights; return the masks.
 
@@ -56,7 +57,10 @@ def prune(
     given). ``criterion`` is a name from :data:`prunelab.sparsity.criteria.CRITERIA`
     (``prunelab list criteria``) with its default settings, or a mapping from
     parameter name to scores (higher = keep). Data-driven criteria score on
-    ``batches`` (``snip`` and ``grasp`` on all of them as one sample); ``synflow``
+    ``batches`` (``snip`` and ``grasp`` on all of them as one sample) by the gradients of
+    ``loss_fn(model, batch) -> scalar loss tensor``, by default the cross-entropy of a
+    classifier's (batch, classes) logits on ``(inputs, labels)`` batches (other outputs, such as a
+    language model's (batch, tokens, vocabulary) logits, need a ``loss_fn``); ``synflow``
     needs the ``input_shape`` of one example (default: that of ``batches``). ``scope`` is ``global``
     (one ranking over all layers), ``layerwise`` (the same sparsity in every
     layer) or ``erk`` (Erdős-Rényi-Kernel densities). ``exclude`` holds
@@ -69,8 +73,12 @@ def prune(
     params = _prunable(model, exclude, embeddings)
     _check_structure(params, structure, sparsity)
     target = Target(1.0 - _fraction(sparsity), ALLOCATORS.entry(scope).name, structure=structure)
+    if loss_fn is not None and not (isinstance(criterion, str) and CRITERIA.get(criterion).needs in DATA_NEEDS):
+        raise UserError("loss_fn is used only by the criteria that score on batches (taylor, hessian, snip, "
+                        f"grasp), not by {criterion if isinstance(criterion, str) else 'scores of your own'!r}")
     if isinstance(criterion, str):
-        masks = _by_name(criterion, Probe(model, params, tuple(batches), tuple(input_shape), generator), target)
+        probe = Probe(model, params, tuple(batches), tuple(input_shape), generator, loss_fn)
+        masks = _by_name(criterion, probe, target)
     else:
         masks = allocate(_given(params, criterion), target.density, target.allocation, structure=structure)
     Masker(params).set_masks(masks, optimizer)
@@ -88,6 +96,7 @@ def prune_channels(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     batches: Sequence[Batch] = (),
+    loss_fn: LossFn | None = None,
 ) -> dict[str, list[int]]:
     """Remove whole channels and neurons from ``model`` in place, lowest ``criterion`` scores first, until
     at most ``1 - sparsity`` of its prunable weights are left; return the channels removed (by group).
@@ -98,8 +107,8 @@ def prune_channels(
     residual partners go together, the classifier keeps its outputs, and groups that reach a
     LayerNorm, attention or other layer whose statistics would change are left alone (docs/methods.md,
     section 8). ``criterion``: ``magnitude`` (L1 per weight of the filter), ``l2``, ``bn_scale`` or
-    ``taylor`` (on ``batches``); ``scope``: ``global`` or ``layerwise``. Raises :class:`UserError` in one
-    sentence when whole channels cannot reach ``sparsity``.
+    ``taylor`` (on ``batches``, with ``loss_fn`` as in :func:`prune`); ``scope``: ``global`` or
+    ``layerwise``. Raises :class:`UserError` in one sentence when whole channels cannot reach ``sparsity``.
     """
     params = _prunable(model, exclude, False)
     chosen = CRITERIA.get(criterion)
@@ -109,8 +118,8 @@ def prune_channels(
         raise UserError(f"criterion {criterion!r} needs batches=[(inputs, labels), ...] to score on")
     groups = find_groups(model, example_input, exclude)
     keep = round((1.0 - _fraction(sparsity)) * sum(p.numel() for p in params.values()))
-    removal = choose_channels(model, groups, chosen.channel(Probe(model, params, tuple(batches)), groups), params,
-                              keep, scope)
+    probe = Probe(model, params, tuple(batches), loss_fn=loss_fn)
+    removal = choose_channels(model, groups, chosen.channel(probe, groups), params, keep, scope)
     remove_channels(model, groups, removal, optimizer)
     return removal
 
@@ -182,7 +191,9 @@ class ProgressivePruner:
     SGD (momentum, Nesterov, weight decay), Adam and AdamW. Gradient clipping
     after ``backward()`` already sees masked gradients. With ``start == end``
     the model is pruned once on construction and the masks are kept through
-    the rest of training (prune, then fine-tune).
+    the rest of training (prune, then fine-tune). ``state``, a :meth:`state_dict` of a
+    pruner with the same settings, resumes from it in place of the update on construction
+    (for trainer callbacks, which restore a checkpoint before training goes on).
     """
 
     def __init__(
@@ -201,17 +212,12 @@ class ProgressivePruner:
         exclude: Sequence[str] = (),
         embeddings: bool = False,
         structure: str = UNSTRUCTURED,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         if steps_per_epoch < 1:
             raise UserError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
         end = start if end is None else end
-        if not 0 <= start <= end:
-            raise UserError(f"need 0 <= start <= end (in epochs), got start={start}, end={end}")
-        if power <= 0:
-            raise UserError(f"power must be positive, got {power}")
-        final = _fraction(sparsity)
-        if not 0 <= initial_sparsity <= final:
-            raise UserError(f"initial_sparsity must be in [0, sparsity], got {initial_sparsity}")
+        final = check_ramp(sparsity, start, end, power, initial_sparsity)
         first, last = round(start * steps_per_epoch), round(end * steps_per_epoch)
         self.optimizer = optimizer
         self.schedule = PolynomialSchedule(
@@ -229,7 +235,10 @@ class ProgressivePruner:
         self.steps = 0
         self._collapsed: set[str] = set()  # layers already warned about
         self._handles = self.masker.register_grad_hooks()
-        self._update()
+        if state is None:
+            self._update()
+        else:
+            self.load_state_dict(state)
 
     @property
     def masks(self) -> Masks:
@@ -266,6 +275,21 @@ class ProgressivePruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def check_ramp(sparsity: float, start: float, end: float, power: float, initial_sparsity: float) -> float:
+    """Check the schedule settings of :class:`ProgressivePruner` (epochs ``start <= end``); return ``sparsity``.
+
+    Trainer callbacks call it on construction, so bad settings fail before training starts.
+    """
+    if not 0 <= start <= end:
+        raise UserError(f"need 0 <= start <= end (in epochs), got start={start}, end={end}")
+    if power <= 0:
+        raise UserError(f"power must be positive, got {power}")
+    final = _fraction(sparsity)
+    if not 0 <= initial_sparsity <= final:
+        raise UserError(f"initial_sparsity must be in [0, sparsity], got {initial_sparsity}")
+    return final
 
 
 def _check_structure(params: Mapping[str, nn.Parameter], structure: str, sparsity: float) -> None:
