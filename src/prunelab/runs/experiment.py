@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from prunelab.config.schema import RunConfig
 from prunelab.data import DataSplits, load_splits
 from prunelab.data.identity import DataIdentity
 from prunelab.errors import Diverged, UserError
+from prunelab.integrations.trackers import TrackedRun, tracked
 from prunelab.methods import METHODS
 from prunelab.methods.context import Context, Pretrained
 from prunelab.models import build_model
@@ -45,6 +46,8 @@ class Runtime:
     ``data``: the identity of the files each dataset was found to have (see
     :func:`data_identities`), so that a sweep knows its runs' ids before any
     of them trains; every run still reads and checks its data itself.
+    ``trackers``: where each epoch record goes besides ``metrics.jsonl``
+    (:mod:`prunelab.integrations.trackers`; ``mlflow_uri``: MLflow's tracking URI).
     """
 
     store: Path = Path("runs")
@@ -53,6 +56,8 @@ class Runtime:
     progress: bool | None = None
     download: bool = True
     data: Mapping[str, DataIdentity] = field(default_factory=dict)
+    trackers: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
 
 
 def data_identities(datasets: Iterable[str], runtime: Runtime) -> Runtime:
@@ -151,7 +156,11 @@ def run(cfg: RunConfig, runtime: Runtime, data: DataSplits | None = None) -> tup
         folder = store.begin(rid, config, headline(cfg))
         world.share(None)  # the other ranks: train it (the folder exists now)
         try:
-            summary = _finish(_train(cfg, folder, runtime, data, world), rid, folder)
+            # Trackers see each epoch as metrics.jsonl gets it; a resumed run replays what that file kept.
+            tracked_run = TrackedRun(rid, folder.path, store.root, config, runtime.mlflow_uri)
+            stored = folder.metrics() if runtime.trackers else []
+            with tracked(runtime.trackers, tracked_run, folder.append_metrics, stored) as log:
+                summary = _finish(_train(cfg, folder, runtime, data, world, log), rid, folder)
             store.finish(rid, summary)
         except KeyboardInterrupt:
             store.mark(rid, "interrupted", "interrupted by the user")
@@ -223,8 +232,12 @@ def _follow(
     return world.share(None), False
 
 
-def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits, world: World) -> Context:
-    """Build model, data and trainer, and run the method program; every rank of a distributed run takes part."""
+def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits, world: World,
+           log: Callable[[dict[str, Any]], None] | None = None) -> Context:
+    """Build model, data and trainer, and run the method program; every rank of a distributed run takes part.
+
+    ``log``: what each epoch record goes to (rank 0 only: its ``metrics.jsonl`` and trackers).
+    """
     device = resolve_device(runtime.device, world)
     # The thread count changes float rounding, so it is part of the config (train.threads), not the runtime.
     torch.set_num_threads(cfg.train.threads)
@@ -255,7 +268,7 @@ def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits
         layer_flops=forward_flops(model, (spec.channels, spec.image_size, spec.image_size)),
         seed=cfg.seed,
         checkpointer=folder,
-        log=folder.append_metrics if world.is_main else None,
+        log=log if world.is_main else None,
         progress=runtime.progress if world.is_main else False,
         world=world,
     )

@@ -49,17 +49,7 @@ class RunFolder:
 
     def metrics(self) -> list[dict[str, Any]]:
         """Per-epoch records, one per (cycle, epoch): a record repeated by a resume keeps its last copy."""
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        latest: dict[tuple[int, int], dict[str, Any]] = {}
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            latest[(record.get("cycle", 0), record.get("epoch", 0))] = record
-        return [latest[k] for k in sorted(latest)]
+        return read_metrics(self.path)
 
     def save(self, state: dict[str, Any]) -> None:
         """Checkpointer: write the state with its checksum, keep it and the one before."""
@@ -81,3 +71,19 @@ class RunFolder:
     def notify(message: str) -> None:
         """Tell the user about something the run recovered from (one line on stderr)."""
         notify(message)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the run in ``folder``, one per (cycle, epoch), in order; a record
+    repeated by a resume keeps its last copy (read only: nothing is created)."""
+    path = folder / METRICS
+    if not path.exists():
+        return []
+    latest: dict[tuple[int, int], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        latest[(record.get("cycle", 0), record.get("epoch", 0))] = record
+    return [latest[k] for k in sorted(latest)]

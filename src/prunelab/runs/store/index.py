@@ -68,6 +68,11 @@ class RunRecord:
         """The typed summary of a finished (``ok``) run; None for any other status."""
         return RunSummary.from_dict(self.summary) if self.status == "ok" and self.summary is not None else None
 
+    @property
+    def budget(self) -> int | None:
+        """The run's ``train.budget`` from its config (None: no budget, or a config stored before budgets)."""
+        return self.config.get("train", {}).get("budget")
+
 
 class Index:
     """The index file ``index.sqlite`` of the store at ``root``; ``readonly`` opens it immutable."""

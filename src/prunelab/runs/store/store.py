@@ -25,7 +25,7 @@ from prunelab.errors import UserError
 from prunelab.io import atomic_write_bytes, sha256_hex, torch_loads
 from prunelab.runs.store.bundle import RunBundle, check_bundle
 from prunelab.runs.store.checkpoints import checkpoint_owner, notify
-from prunelab.runs.store.folder import RunFolder
+from prunelab.runs.store.folder import RunFolder, read_metrics
 from prunelab.runs.store.index import Index, RunRecord, set_aside_if_damaged
 from prunelab.runs.store.layout import BUNDLE_FILES, CHECKSUMMED, CONFIG, INDEX, LOCK, MASK, RUN_ID, SUMMARY, WEIGHTS
 
@@ -229,6 +229,18 @@ class Store:
         if record.status != "ok" or record.summary is None:
             raise UserError(f"run {run_id} has no result (status {record.status})")
         return record
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        """The per-epoch records of ``run_id`` (any status: a running run's epochs so far).
+
+        A finished run's files must first pass :meth:`verify`, as for every other read of its result.
+        """
+        record = self.get(run_id)
+        if record is None:
+            raise UserError(f"no run {run_id!r} in the store at {self.root}")
+        if record.status == "ok" and record.summary is not None:
+            self.verify(record)
+        return read_metrics(self.root / run_id)
 
     # ------------------------------------------------------------ rebuilding the index
 
