@@ -10,7 +10,7 @@ from prunelab.runs.summary import DivergedSummary, RunSummary
 # connections_moved added with dynamic sparse training; the others as before the typed summary).
 KEYS = {
     "run_id", "status", "method", "model", "dataset", "target_sparsity", "seed", "sparsity", "test_acc",
-    "test_loss", "val_acc", "selected_epoch", "selected_val_acc", "selected_test_acc", "epochs", "steps",
+    "test_loss", "val_acc", "selected_epoch", "selected_val_acc", "selected_test_acc", "epochs", "budget", "steps",
     "wall_s", "eval_s", "train_flops", "dense_train_flops", "itop_rate", "connections_moved", "weights_sha256",
     "mask_sha256", "threads",
     "data_identity", "collapsed_layers", "reused_runs", "notes",
@@ -40,3 +40,9 @@ def test_a_diverged_summary_keeps_its_keys() -> None:
     diverged = DivergedSummary(**HEAD, error="loss is nan", epoch=1, step=3, data_identity=None)
     assert diverged.as_dict() == {**HEAD, "status": "diverged", "error": "loss is nan", "epoch": 1, "step": 3,
                                   "data_identity": None}
+
+
+def test_whole_epoch_counts_are_integers_in_json() -> None:
+    assert RunSummary(status="ok", **HEAD, epochs=20.0).as_dict()["epochs"] == 20
+    assert isinstance(RunSummary(status="ok", **HEAD, epochs=20.0).as_dict()["epochs"], int)
+    assert RunSummary(status="ok", **HEAD, epochs=2.5).as_dict()["epochs"] == 2.5  # a late rewind to a step

@@ -95,3 +95,15 @@ def test_a_sweep_over_budgets_skips_the_points_that_do_not_fit_and_lists_them(
     assert main(["show", lottery, *common[:2], "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["budget"], shown["epochs"]) == (10, 10.0)
+
+
+@pytest.mark.integration
+def test_without_a_terminal_each_epoch_is_one_line_and_rounds_say_their_total(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(build_config({**TINY, "budget": 10, "method": "lrr", "sparsity": 0.5}),
+        Runtime(store=tmp_path, data_dir=tiny_data_dir, progress=None, download=False))
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    # the dense pretraining's 2 epochs, then 4 rounds of 2 (a test's stderr is no terminal)
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "train epoch 1/2", "train epoch 2/2", *(f"round {r}/4 epoch {e}/2" for r in range(1, 5) for e in (1, 2))]

@@ -19,6 +19,7 @@ from prunelab.cli.output import print_summary, print_table
 from prunelab.cli.parser import FIELD_FLAGS, FLAG_KEYS, runtime_of, store_dir
 from prunelab.errors import Diverged, UserError
 from prunelab.io import json_text
+from prunelab.runs.summary import whole
 
 #: The claims `prunelab report` checks by default: the repository's file, relative to where it runs.
 DEFAULT_CLAIMS = Path("studies/claims.yaml")
@@ -38,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     flags.update({key: getattr(args, dest) for dest, key in FIELD_FLAGS.items()})
     cfg = load_config(args.config, args.set, flags)
     runtime = runtime_of(args)
+    _check_trackers(runtime.trackers)
     # Under torchrun every process gets here; they train the run together and rank 0 reports it.
     with session(runtime.device) as world:
         summary, cached = run(cfg, runtime)
@@ -61,6 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = replace(spec, base={**spec.base, "train.threads": args.threads})
     grid = expand(spec, args.max_points)
     runtime = runtime_of(args)
+    _check_trackers(runtime.trackers)
     if args.dry_run:
         points, runtime = identified(grid.points, runtime)
         _print_plan(points, grid.unfit, pretraining(points, runtime), Store.reader(runtime.store), args.json)
@@ -100,11 +103,22 @@ def _sweep_executor(args: argparse.Namespace) -> Any:
         return LocalExecutor(workers)
     from prunelab.runs.executors.ray import RayExecutor
 
+    if args.log:  # a Ray task trains in a temporary store on its node; only the run's own files come back
+        raise UserError("--log is for --executor local; after a Ray sweep, `prunelab metrics RUN_ID --csv` "
+                        "prints each run's epochs")
     if args.workers is not None:
         raise UserError("--workers is for --executor local; on Ray, --cpus-per-run sets how many runs share a node")
     cpus = 1 if args.cpus_per_run is None else args.cpus_per_run
     gpus = 0.0 if args.gpus_per_run is None else args.gpus_per_run
     return RayExecutor(cpus, gpus, args.address)
+
+
+def _check_trackers(names: tuple[str, ...]) -> None:
+    """One sentence now, before any training, if a tracker's package is missing."""
+    if names:
+        from prunelab.integrations.trackers import check_trackers
+
+        check_trackers(names)
 
 
 def _print_plan(points: list[Any], unfit: list[Any], shared: dict[str, Any], store: Any, as_json: bool) -> None:
@@ -189,8 +203,8 @@ def _run_row(r: RunRecord) -> dict[str, Any]:
     """One line of ``prunelab list runs``: the index's headline and, for a finished run, its result."""
     result = r.result
     return {"run_id": r.run_id, "status": r.status, "method": r.method, "model": r.model, "dataset": r.dataset,
-            "target": r.target_sparsity, "seed": r.seed, "budget": r.config.get("train", {}).get("budget"),
-            "epochs": result.epochs if result else None, "sparsity": result.sparsity if result else None,
+            "target_sparsity": r.target_sparsity, "seed": r.seed, "budget": r.budget,
+            "epochs": whole(result.epochs) if result else None, "sparsity": result.sparsity if result else None,
             "test_acc": result.test_acc if result else None}
 
 
@@ -235,7 +249,24 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise UserError(f"run {record.run_id} has no result yet (status {record.status}"
                         + (f": {record.error}" if record.error else "") + ")")
     # Summaries stored before the budget was recorded in them: the run's config says it.
-    print_summary({**record.summary, "budget": record.config.get("train", {}).get("budget")}, args.json)
+    print_summary({**record.summary, "budget": record.budget}, args.json)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """`prunelab metrics`: a run's per-epoch records as a table, CSV or JSON (a finished run's files checked)."""
+    from prunelab.integrations.trackers import csv_text, fields
+    from prunelab.runs.store import Store
+
+    store = Store.reader(store_dir(args.store))
+    records = store.metrics(store.resolve_id(args.run_id))
+    if args.json:
+        print(json_text(records))
+    elif args.csv:
+        sys.stdout.write(csv_text(records) if records else "")
+    else:
+        keys = fields(records)  # a field only some epochs have is '-' in the others
+        print_table([{k: r.get(k) for k in keys} for r in records])
     return 0
 
 
@@ -260,5 +291,5 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "show": cmd_show,
-    "fetch": cmd_fetch, "export": cmd_export, "store": cmd_store,
+    "fetch": cmd_fetch, "export": cmd_export, "store": cmd_store, "metrics": cmd_metrics,
 }

@@ -10,13 +10,14 @@ from prunelab.runs.summary import RunSummary
 
 
 def fmt(value: Any) -> str:
-    """One table cell: floats to 4 decimals (or 4 significant digits when large), None and NaN as -."""
+    """One table cell: floats to 4 decimals (0.0000 beside 0.9000; 4 significant digits when large, whole
+    numbers from 1 as integers), None and NaN as -."""
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
         if value.is_integer() and abs(value) >= 1:
             return f"{value:.4g}" if abs(value) >= 1e5 else str(int(value))
-        return f"{value:.4g}" if abs(value) >= 1e5 or value == 0 else f"{value:.4f}"
+        return f"{value:.4g}" if abs(value) >= 1e5 else f"{value:.4f}"
     if value is None:
         return "-"
     if isinstance(value, list):
@@ -26,10 +27,10 @@ def fmt(value: Any) -> str:
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     """A run's summary as aligned lines, or as one JSON object."""
-    if as_json:
-        print(json_text(summary))
-        return
     s = RunSummary.from_dict(summary)
+    if as_json:  # in this version's form, also for a summary stored by an older one
+        print(json_text(s.as_dict()))
+        return
     rows = [
         ("run", s.run_id), ("method", s.method), ("model", s.model), ("dataset", s.dataset), ("seed", s.seed),
         ("target sparsity", s.target_sparsity), ("sparsity (from weights)", s.sparsity),

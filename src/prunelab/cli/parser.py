@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from prunelab.runs.experiment import Runtime
 
 FLAG_KEYS = ("method", "model", "dataset", "sparsity", "epochs", "seed", "lr", "batch_size", "threads")
+# prunelab.integrations.trackers.TRACKERS' names, spelled out so that parsing does not import them.
+TRACKER_NAMES = ("tensorboard", "mlflow", "csv")
 # Flags of `prunelab run` for config fields without a short alias: argparse dest -> config key.
 FIELD_FLAGS = {"precision": "train.precision", "channels_last": "train.channels_last"}
 # prunelab.deploy.export.FORMATS, spelled out so that parsing arguments does not import the exporters.
@@ -45,6 +47,8 @@ def runtime_of(args: argparse.Namespace) -> Runtime:
         device=args.device,
         progress=False if args.no_progress else None,
         download=not args.no_download,
+        trackers=tuple(dict.fromkeys(args.log)),
+        mlflow_uri=args.mlflow_uri,
     )
 
 
@@ -69,7 +73,8 @@ def _method_epilog(argv: Sequence[str]) -> str | None:
         return None
     rows = settings_help(METHODS.get(name).settings)
     lines = [f"settings of method {name!r} (set with --set method.NAME=VALUE):"]
-    lines += [f"  {n:<18} default {d:<8} {h}" for n, d, h in rows] or ["  (none)"]
+    width = max((len(str(d)) for _, d, _ in rows), default=0)  # a long default does not push its help
+    lines += [f"  {n:<18} default {d:<{width}}  {h}" for n, d, h in rows] or ["  (none)"]
     return "\n".join(lines)
 
 
@@ -97,6 +102,7 @@ def _add_run(sub: Subparsers, argv: Sequence[str]) -> None:
                      help="model and image batches in channels_last memory layout (convolutional nets)")
     _add_store_options(run)
     _add_data_options(run)
+    _add_tracker_options(run)
 
 
 def _add_sweep(sub: Subparsers) -> None:
@@ -115,6 +121,7 @@ def _add_sweep(sub: Subparsers) -> None:
     sw.add_argument("--gpus-per-run", type=float, help="ray: GPUs each run needs (> 0: it runs on cuda); default 0")
     _add_store_options(sw)
     _add_data_options(sw)
+    _add_tracker_options(sw)
 
 
 def _add_report_and_store(sub: Subparsers) -> None:
@@ -149,6 +156,13 @@ def _add_inspection(sub: Subparsers) -> None:
     show.add_argument("run_id", help="run id (a unique prefix is enough)")
     _add_store_options(show)
 
+    met = sub.add_parser("metrics", help="print a run's per-epoch metrics (metrics.jsonl) as a table, CSV or JSON")
+    met.add_argument("run_id", help="run id (a unique prefix is enough)")
+    met.add_argument("--store", help="store folder; default $PRUNELAB_STORE or ./runs")
+    form = met.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="print CSV (header line, one row per epoch)")
+    form.add_argument("--json", action="store_true", help="print one JSON list of the epoch records")
+
     exp = sub.add_parser("export", help="write a finished run's weights as dense, sparse safetensors or ONNX")
     exp.add_argument("run_id", help="run id (a unique prefix is enough)")
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt",
@@ -164,6 +178,17 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="auto (CUDA when present, else CPU), cpu or cuda; default auto")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_tracker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", action="append", default=[], choices=TRACKER_NAMES,
+                   metavar="{" + ",".join(TRACKER_NAMES) + "}",
+                   help="also send every epoch's metrics to TensorBoard (<run>/tensorboard/), MLflow "
+                        "(<store>/mlflow.db unless --mlflow-uri) or CSV (<run>/metrics.csv) as it happens "
+                        "(repeatable; needs prunelab[trackers])")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="MLflow tracking URI for --log mlflow; default $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<store>/mlflow.db")
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:

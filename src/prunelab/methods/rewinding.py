@@ -113,13 +113,15 @@ def prune_rounds(params: Mapping[str, torch.Tensor], masks: Masks, s: LRRSetting
     return rounds
 
 
-def _rounds(ctx: Context, s: LRRSettings) -> Iterator[int]:
-    """Yields 1..R after pruning round r (pruning skipped while a resumed run replays)."""
+def _rounds(ctx: Context, s: LRRSettings) -> Iterator[str]:
+    """Yields the name ``round r/R`` of rounds 1..R after pruning round r (pruning skipped while a
+    resumed run replays)."""
     m = ctx.trainer.masker
     args = (s, ctx.cfg.prune, ctx.target_kept)
-    for r in range(1, prune_rounds(m.params, m.masks, *args) + 1):
+    total = prune_rounds(m.params, m.masks, *args)
+    for r in range(1, total + 1):
         ctx.update_masks(lambda: next_masks(m.params, m.masks, *args))
-        yield r
+        yield f"round {r}/{total}"
 
 
 class Snapshot(StepHook[Trainer]):
@@ -201,12 +203,12 @@ def lottery(ctx: Context, s: LotterySettings) -> None:
         step = 0
     else:
         step = _rewind_step(s.rewind, ctx.trainer.steps_per_epoch, ctx.trainer.steps_per_epoch * ctx.cfg.train.epochs)
-        ctx.train_cycle("round 0", hook=Snapshot(step, "rewind"))
-    for r in _rounds(ctx, s):
+        ctx.train_cycle(f"round 0/{_exact_rounds(ctx.cfg)}", hook=Snapshot(step, "rewind"))
+    for name in _rounds(ctx, s):
         # Late rewinding (Frankle et al. 2020, and the lottery-ticket framework): weights AND
         # schedule go back to step k; the round trains the remaining T - k steps.
         ctx.rewind("rewind")
-        ctx.train_cycle(f"round {r}", start_step=step)
+        ctx.train_cycle(name, start_step=step)
 
 
 @register_method("lrr", LRRSettings,
@@ -215,5 +217,5 @@ def lottery(ctx: Context, s: LotterySettings) -> None:
 def lrr(ctx: Context, s: LRRSettings) -> None:
     """Pretrained dense; each round prunes and retrains a full cycle from the current weights."""
     ctx.load_pretrained()
-    for r in _rounds(ctx, s):
-        ctx.train_cycle(f"round {r}")
+    for name in _rounds(ctx, s):
+        ctx.train_cycle(name)

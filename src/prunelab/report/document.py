@@ -78,7 +78,7 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width:
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: right; }
 th { background: #f3f3f3; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child, td.text { text-align: left; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; height: auto; }
 figcaption { font-size: 0.85em; color: #555; }
@@ -106,6 +106,15 @@ def _image_width(svg: bytes) -> str:
     return "width: 100%" if width >= _WIDE_PT else f"width: min(100%, {width * 4 / 3 * 1.25:.0f}px)"
 
 
+# A cell that reads as a number (with sign, %, an interval or a verdict word after it) or as n/a or —.
+_NUMBER = re.compile(r"^([+\-]?[0-9.]|n/a$|—$)")
+
+
+def _align(cell: str) -> str:
+    """Numbers align right (the table's default), words left: a claim or a verdict reads from its start."""
+    return "" if _NUMBER.match(cell) else ' class="text"'
+
+
 def to_html(blocks: Sequence[Block], title: str) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
@@ -118,7 +127,7 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
             out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")
         elif isinstance(block, TableBlock):
             head = "".join(f"<th>{_inline(h)}</th>" for h in block.headers)
-            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
+            body = "".join("<tr>" + "".join(f"<td{_align(c)}>{_inline(c)}</td>" for c in row) + "</tr>"
                            for row in block.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif isinstance(block, Image):

@@ -307,7 +307,8 @@ def accuracy_vs_budget(tables: Sequence[Table], colors: Mapping[str, tuple[float
         handles = [Line2D([], [], color="grey" if label.startswith("dense") else colors[label],
                           marker="D" if label.startswith("dense") else "o",
                           ls="--" if label.startswith("dense") else "-") for label in labels]
-        fig.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
+        # Centred beside the panels: at the upper right the legend met the figure's title.
+        fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
         fig.suptitle(f"{tables[0].model} on {tables[0].dataset}: accuracy vs matched training budget "
                      "(mean ± std over seeds)")
     return fig

@@ -327,19 +327,22 @@ def build_tables(records: Iterable[RunRecord]) -> list[Table]:
     """One :class:`Table` per (model, dataset, budget) of the ``ok`` records that carry a summary
     (tables without a budget first, then by budget)."""
     ok = [r for r in records if r.status == "ok" and r.summary is not None]
+    reused = {i for r in ok for i in (r.result.reused_runs if r.result else [])}
     keys = sorted({(r.model, r.dataset, budget_of(r)) for r in ok}, key=lambda k: (k[0], k[1], k[2] or 0))
-    return [_table([r for r in ok if (r.model, r.dataset, budget_of(r)) == key], *key) for key in keys]
+    tables = [_table([r for r in ok if (r.model, r.dataset, budget_of(r)) == key], reused, *key) for key in keys]
+    return [t for t in tables if t.rows]
 
 
-def _table(mine: Sequence[RunRecord], model: str, dataset: str, budget: int | None) -> Table:
+def _table(mine: Sequence[RunRecord], reused: set[str], model: str, dataset: str, budget: int | None) -> Table:
     groups: dict[tuple[str, tuple, float], list[RunRecord]] = {}
     for r in mine:
         groups.setdefault((r.method, variant_key(r), float(r.target_sparsity)), []).append(r)
     # Dense runs that are no pruned variant's baseline (a budget run's dense pretraining of a few
-    # epochs) are the cost of other runs, not a result: they get no row.
+    # epochs) are the cost of other runs, not a result: they get no row. Without pruned runs beside
+    # them, dense runs that other runs reused are that pretraining; a dense run of its own stays.
     recipes = [recipe(k) for m, k, _ in groups if m != "dense"]
     groups = {(m, k, t): runs for (m, k, t), runs in groups.items()
-              if m != "dense" or not recipes or recipe(k) in recipes}
+              if m != "dense" or (recipe(k) in recipes if recipes else not {r.run_id for r in runs} <= reused)}
     labels: dict[tuple, str] = {}
     for method in {m for m, _, _ in groups}:
         keys = list(dict.fromkeys(k for m, k, _ in groups if m == method))

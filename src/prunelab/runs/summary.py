@@ -19,6 +19,12 @@ from typing import Any
 _REQUIRED = ("run_id", "status", "method", "model", "dataset", "target_sparsity", "seed")
 
 
+def whole(value: float | None) -> float | int | None:
+    """A count that may be fractional (epochs: a late rewind to a step trains part of one) as an int
+    when it is whole, so that JSON says 20, not 20.0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """A finished run's result, cost and provenance."""
@@ -83,6 +89,7 @@ class RunSummary:
         """The stored and printed form: every field by name (``ddp`` only for a distributed run, the
         channel fields only for ``prune.structure=channel``)."""
         out = dataclasses.asdict(self)
+        out["epochs"] = whole(self.epochs)
         for key in ("ddp", "channel_sparsity", "channel_cuts"):  # absent where they do not apply
             if out[key] is None:
                 del out[key]

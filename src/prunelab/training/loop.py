@@ -19,6 +19,7 @@ order in which they happen.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -257,6 +258,7 @@ class Trainer:
             select(result, record, epoch, self.model, select_kept, min_delta)
             result.history.append(record)
             self.log(record)
+            self._epoch_line(cycle, record)
             self._checkpoint(cycle, epoch + 1, result)
         if patience and result.selection.state is not None:
             self.model.load_state_dict(result.selection.state)
@@ -302,7 +304,17 @@ class Trainer:
             "cycle": cycle.index, "phase": cycle.name, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
             "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
             "kept": count_kept(masks), "mask_sparsity": 1.0 - count_kept(masks) / self.dense_total,
+            "train_flops": self.cost.train_flops,  # so far, reused runs' included: the trackers plot cost
         }
+
+    def _epoch_line(self, cycle: _Cycle, record: Mapping[str, Any]) -> None:
+        """Where no progress bar can be drawn (under nohup, CI, a notebook: stderr is no terminal) and
+        none was turned off, one line per epoch on stderr instead."""
+        if self.progress is not None or sys.stderr.isatty() or not self.world.is_main:
+            return
+        print(f"prunelab: {cycle.name} epoch {record['epoch']}/{cycle.epochs}: train loss "
+              f"{record['train_loss']:.4f}, val acc {record['val_acc']:.4f}, sparsity {record['mask_sparsity']:.4f}, "
+              f"lr {record['lr']:.3g}", file=sys.stderr, flush=True)
 
     def _batches(self, cycle: _Cycle, epoch: int) -> tqdm[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's global batches (the same on every rank), behind a progress bar."""
