@@ -47,7 +47,8 @@ test-integration: data
 test-all: data
 	$(PY) -m pytest -q -m ''
 
-# The seeds' comparison on Fashion-MNIST (about 4 hours on 2 cores; resumable: run it again).
+# The seeds' comparison on Fashion-MNIST, at equal cycle length and at matched budgets (about 16 core-hours:
+# 8 hours with 2 workers on 2 cores; resumable: run it again).
 STUDY_STORE ?= runs/study
 # Resumable: each sweep skips what the store holds. The report checks studies/claims.yaml.
 STUDY_SWEEPS = seeds-fashion-mnist seeds-fashion-mnist-hybrid budget-fashion-mnist seeds-fashion-mnist-lenet5 \
