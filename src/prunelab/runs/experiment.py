@@ -228,15 +228,16 @@ def _follow(
         return cached, True
     # Read-only: rank 0 writes this folder; we only load the checkpoints it wrote.
     folder = RunFolder(Path(runtime.store) / rid, owner=checkpoint_owner(rid, run_config_record(cfg, data)))
-    _train(cfg, folder, runtime, data, world)
+    _train(cfg, folder, runtime, data, world, None)
     return world.share(None), False
 
 
 def _train(cfg: RunConfig, folder: RunFolder, runtime: Runtime, data: DataSplits, world: World,
-           log: Callable[[dict[str, Any]], None] | None = None) -> Context:
+           log: Callable[[dict[str, Any]], None] | None) -> Context:
     """Build model, data and trainer, and run the method program; every rank of a distributed run takes part.
 
-    ``log``: what each epoch record goes to (rank 0 only: its ``metrics.jsonl`` and trackers).
+    ``log``: what each epoch record goes to (rank 0: its ``metrics.jsonl`` and trackers; None on the
+    other ranks, which write nothing).
     """
     device = resolve_device(runtime.device, world)
     # The thread count changes float rounding, so it is part of the config (train.threads), not the runtime.
