@@ -151,15 +151,10 @@ def accuracy_vs_density(
 def accuracy_vs_cost(table: Table, colors: Mapping[str, tuple[float, ...]]) -> Figure:
     """One small panel per target sparsity: accuracy against training cost, with the Pareto front."""
     targets = [t for t in table.targets if t > 0] or table.targets
-    ncols = {1: 1, 2: 2, 3: 3, 4: 2}.get(len(targets), 3)
-    nrows = math.ceil(len(targets) / ncols)
     dense = [r for r in table.rows if r.method == "dense" and r.cost is not None and _acc(r) is not None]
     with style():
-        fig = new_figure(3.6 * ncols + 3.2, 3.0 * nrows + 0.4)
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(targets):]:
-            ax.set_visible(False)
-        for ax, target in zip(axes.flat, targets):
+        fig, axes = _panels(len(targets), {1: 1, 2: 2, 3: 3, 4: 2}.get(len(targets), 3), 3.6, 3.0)
+        for ax, target in zip(axes, targets):
             rows = [r for r in table.rows if r.target == target and r.cost is not None and _acc(r) is not None]
             points = [(r.cost, _acc(r)[0]) for r in rows]  # type: ignore[index]
             for r, (cost, mean) in zip(rows, points):
@@ -193,6 +188,17 @@ def accuracy_vs_cost(table: Table, colors: Mapping[str, tuple[float, ...]]) -> F
         fig.legend(handles, names, loc="outside right upper", fontsize=7, frameon=False)
         fig.suptitle(f"{table.title}: accuracy vs training cost")
     return fig
+
+
+def _panels(count: int, ncols: int, width: float, height: float) -> tuple[Figure, list[Any]]:
+    """A figure with ``count`` panels of ``width`` x ``height`` inches in ``ncols`` columns (room for a
+    legend at the right); the grid's spare cells hidden. Call within :func:`style`."""
+    nrows = math.ceil(count / ncols) or 1
+    fig = new_figure(width * ncols + 3.2, height * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
 
 
 def layer_density(
@@ -279,34 +285,28 @@ def accuracy_vs_budget(tables: Sequence[Table], colors: Mapping[str, tuple[float
     variant across the budget tables of one (model, dataset); dense as a dashed grey line."""
     targets = sorted({r.target for t in tables for r in t.rows if r.target > 0})
     budgets = sorted(t.budget for t in tables if t.budget is not None)
-    ncols = min(len(targets), 3) or 1
-    nrows = math.ceil(len(targets) / ncols) or 1
     labels = list(dict.fromkeys(label for t in tables for label in t.labels))
+    dense = {r.label for t in tables for r in t.rows if r.method == "dense"}
+    looks = {label: dict(marker="D", ls="--", color="grey") if label in dense
+             else dict(marker="o", ls="-", color=colors[label]) for label in labels}
     with style():
-        fig = new_figure(3.8 * ncols + 3.2, 3.2 * nrows + 0.4)
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(targets):]:
-            ax.set_visible(False)
-        for ax, target in zip(axes.flat, targets):
+        fig, axes = _panels(len(targets), min(len(targets), 3) or 1, 3.8, 3.2)
+        for ax, target in zip(axes, targets):
             for label in labels:
                 points = [(t.budget, _acc(r)) for t in tables for r in t.rows_of(label)
                           if (r.target == target or r.method == "dense") and _acc(r) is not None]
                 if not points:
                     continue
                 xs, accs = [p[0] for p in points], [p[1] for p in points]
-                dense = label.startswith("dense")
                 ax.errorbar(xs, [a[0] for a in accs], yerr=[a[1] for a in accs], capsize=3, lw=1.2, ms=4,
-                            marker="D" if dense else "o", ls="--" if dense else "-",
-                            color="grey" if dense else colors[label])
+                            **looks[label])
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.set_title(f"sparsity {pct(target)}", fontsize=9)
             ax.set_xlabel("training budget (epochs, log)")
             ax.set_ylabel("final test acc. (%)")
-        handles = [Line2D([], [], color="grey" if label.startswith("dense") else colors[label],
-                          marker="D" if label.startswith("dense") else "o",
-                          ls="--" if label.startswith("dense") else "-") for label in labels]
+        handles = [Line2D([], [], **looks[label]) for label in labels]
         # Centred beside the panels: at the upper right the legend met the figure's title.
         fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
         fig.suptitle(f"{tables[0].model} on {tables[0].dataset}: accuracy vs matched training budget "
